@@ -1,0 +1,79 @@
+"""Keeping credentials out of logs, reprs, events and error messages.
+
+A token is only ever shown as a fingerprint: the first 6 hex digits of its
+SHA-256, enough to tell two credentials apart and useless to an attacker.
+Free text from an engine or a proxy goes through :func:`redact_text` before it
+reaches a message, because a misconfigured gateway may echo request headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Iterable, Mapping, Optional
+
+__all__ = ["fingerprint", "redact_text", "redact_headers", "SENSITIVE_HEADERS", "clip"]
+
+#: Header names whose values are never shown (compared case-insensitively).
+SENSITIVE_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
+)
+
+_PATTERNS = (
+    # "Authorization: Bearer abc", "authorization=abc", "X-API-Key: abc", "Cookie: a=b"
+    re.compile(
+        r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|cookie)(\s*[:=]\s*)"
+        r"(?:(bearer|basic|token)\s+)?[^\s,;\"'&}]+"
+    ),
+    # "token=abc", "api_key: abc", "access_token=abc", "password=abc"
+    re.compile(
+        r"(?i)\b((?:access_|refresh_|id_)?token|api[_-]?key|secret|password)"
+        r"(\"?\s*[:=]\s*\"?)[^\s,;\"'&}]+"
+    ),
+    # a bare "Bearer abc" anywhere
+    re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]+"),
+)
+# Hugging Face tokens have a recognisable shape even without a label.
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+
+
+def fingerprint(secret: Optional[str]) -> str:
+    """``"sha256:1a2b3c"`` for a secret, ``"none"`` when there is none."""
+    if not secret:
+        return "none"
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:6]
+
+
+def _mask(match: re.Match[str]) -> str:
+    groups = match.groups()
+    scheme = groups[2] + " " if len(groups) > 2 and groups[2] else ""
+    return f"{groups[0]}{groups[1]}{scheme}[redacted]"
+
+
+def redact_text(text: str, secrets: Iterable[Optional[str]] = ()) -> str:
+    """``text`` with credentials replaced.
+
+    Known ``secrets`` are replaced by their fingerprint wherever they occur;
+    anything that looks like a credential by its label (``Authorization:``,
+    ``token=``, ``api_key=``, ``Bearer …``) or its shape (``hf_…``) is masked.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret in text:
+            text = text.replace(secret, f"[{fingerprint(secret)}]")
+    for pattern in _PATTERNS:
+        text = pattern.sub(_mask, text)
+    return _HF_TOKEN.sub("[redacted]", text)
+
+
+def redact_headers(headers: Mapping[str, str]) -> dict:  # type: ignore[type-arg]
+    """A copy of ``headers`` with sensitive values shown as fingerprints."""
+    return {
+        name: (f"[{fingerprint(value)}]" if name.lower() in SENSITIVE_HEADERS else value)
+        for name, value in headers.items()
+    }
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters, for quoting an engine's body."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
