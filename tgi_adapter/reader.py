@@ -1,0 +1,371 @@
+"""The work of a stream's reader thread: attempts, retries, timers, the read loop.
+
+One :class:`StreamReader` per task. It sends the request, reads the body in
+bulk (``BodyReader``), decodes SSE, maps frames to events, and puts each
+read's events on the stream's channel. Failures before ``started`` go back
+to the retry loop; failures after it end the stream with one ``error``
+event. Every wait is bounded: connect and first-token timeouts, the
+token-idle timer between data frames (keep-alive comments do not reset it),
+and the task's deadline over everything, retries included.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import requests
+
+from .contract import TokenEvent
+from .errors import InternalError, WorkerError
+from .frames import FrameMapper
+from .mapping import error_for, error_from_status
+from .retry import RetryPolicy, Timeouts, retry_after_ms_from_headers
+from .sse import FrameTooLarge, SseDecoder
+from .stream import StreamChannel
+from .transport import (
+    BodyReader,
+    is_connect_timeout,
+    is_timeout,
+    shutdown_socket,
+    socket_hook,
+    translate_exception,
+)
+
+__all__ = ["Request", "StreamReader", "Attempts", "read_error_body"]
+
+log = logging.getLogger(__name__)
+
+_ERROR_BODY_LIMIT = 65536
+# After the final frame the body's last chunk is due at once; wait this long
+# for it so the connection can be reused, else drop the connection.
+_DRAIN_S = 0.5
+
+
+class Request:
+    """One HTTP request as the reader sends it (possibly several times)."""
+
+    __slots__ = ("session", "method", "url", "body", "headers", "verify", "cert", "secrets")
+
+    def __init__(
+        self,
+        session: requests.Session,
+        method: str,
+        url: str,
+        body: Optional[bytes],
+        headers: Mapping[str, str],
+        *,
+        verify: Any,
+        cert: Any,
+        secrets: Sequence[Optional[str]],
+    ) -> None:
+        self.session = session
+        self.method = method
+        self.url = url
+        self.body = body
+        self.headers = headers
+        self.verify = verify
+        self.cert = cert
+        self.secrets = secrets
+
+    def send(self, connect_timeout: float, read_timeout: float) -> requests.Response:
+        """Send and wait for the response headers (body not read)."""
+        kwargs: Dict[str, Any] = {}
+        if self.cert is not None:
+            kwargs["cert"] = self.cert
+        return self.session.request(
+            self.method,
+            self.url,
+            data=self.body,
+            headers=self.headers,
+            stream=True,
+            timeout=(max(connect_timeout, 0.001), max(read_timeout, 0.001)),
+            verify=self.verify,
+            allow_redirects=False,
+            **kwargs,
+        )
+
+
+def read_error_body(response: requests.Response) -> bytes:
+    """Up to 64 KiB of an error response's body; never raises."""
+    try:
+        return response.raw.read(_ERROR_BODY_LIMIT, decode_content=True) or b""
+    except Exception:
+        return b""
+    finally:
+        response.close()
+
+
+class Attempts:
+    """The retry loop shared by streams, blocking calls and control calls.
+
+    ``attempt()`` returns ``None`` when it finished (successfully or not,
+    having reported the outcome itself) and a :class:`WorkerError` for a
+    failure that may be retried. Sleep, clock and random source are injected.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        deadline: Optional[float],
+        clock: Callable[[], float],
+        rng: Callable[[], float],
+        wait: Callable[[float], bool],
+        label: str,
+    ) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.clock = clock
+        self.rng = rng
+        self.wait = wait  # returns True when the wait was interrupted (cancelled)
+        self.label = label
+        self.retries = 0
+
+    def run(self, attempt: Callable[[], Optional[WorkerError]]) -> Optional[WorkerError]:
+        """Run ``attempt`` until it finishes; the last error if retries ran out."""
+        failed = 0
+        while True:
+            error = attempt()
+            if error is None:
+                return None
+            retry_after = None if error.retry_after_ms is None else error.retry_after_ms / 1000.0
+            delay = self.policy.next_delay(
+                failed,
+                retriable=error.retriable,
+                retry_after_s=retry_after,
+                now=self.clock(),
+                deadline=self.deadline,
+                rng=self.rng,
+            )
+            if delay is None:
+                return error
+            self.retries += 1
+            log.debug("%s: retry %d in %.3fs after %s", self.label, self.retries, delay, error.code.value)
+            if self.wait(delay):
+                return None
+            failed += 1
+
+
+class StreamReader:
+    """Runs in the stream's thread; see the module docstring."""
+
+    def __init__(
+        self,
+        request: Request,
+        channel: StreamChannel,
+        mapper_factory: Callable[[], FrameMapper],
+        *,
+        timeouts: Timeouts,
+        retry: RetryPolicy,
+        deadline: float,
+        max_frame_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float],
+        wait: Callable[[float], bool],
+        wall_clock: Callable[[], float] = time.time,
+        on_connect_failure: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.request = request
+        self.channel = channel
+        self.mapper_factory = mapper_factory
+        self.timeouts = timeouts
+        self.deadline = deadline
+        self.max_frame_bytes = max_frame_bytes
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.on_connect_failure = on_connect_failure
+        self.attempts = Attempts(
+            retry, deadline=deadline, clock=clock, rng=rng, wait=wait, label=f"task {channel.task_id}"
+        )
+
+    def run(self) -> None:
+        """The thread's target: never raises, always ends the stream."""
+        channel = self.channel
+        try:
+            error = self.attempts.run(self._attempt)
+            channel.stats["retries"] = self.attempts.retries
+            if error is not None and not channel.cancelled:
+                channel.stats["outcome"] = error.code.value
+                channel.put([error.to_event()])
+        except BaseException as exc:  # a bug here must not leave the consumer waiting
+            log.exception("task %s: the stream reader failed", channel.task_id)
+            channel.stats["outcome"] = "INTERNAL"
+            channel.put([InternalError(f"the adapter's stream reader failed: {type(exc).__name__}").to_event()])
+
+    # -- one attempt -------------------------------------------------------------
+
+    def _attempt(self) -> Optional[WorkerError]:
+        channel = self.channel
+        if channel.cancelled:
+            return None
+        t_sent = self.clock()
+        remaining = self.deadline - t_sent
+        if remaining <= 0:
+            return error_for("deadline", "before the request could be sent")
+        unregister: List[Callable[[], None]] = []
+
+        def on_socket(sock: socket.socket) -> None:
+            unregister.append(channel.on_cancel(lambda: shutdown_socket(sock)))
+
+        request = self.request
+        try:
+            with socket_hook(on_socket):
+                response = request.send(
+                    min(self.timeouts.connect, remaining), min(self.timeouts.first_token, remaining)
+                )
+        except Exception as exc:
+            for forget in unregister:
+                forget()
+            if channel.cancelled:
+                return None
+            return self._send_failed(exc, t_sent)
+        if channel.cancelled:
+            response.close()
+            return None
+        if response.status_code != 200:
+            for forget in unregister:
+                forget()
+            headers = response.headers
+            body = read_error_body(response)
+            return error_from_status(
+                response.status_code,
+                body,
+                headers.get("content-type", ""),
+                retry_after_ms=retry_after_ms_from_headers(headers, self.wall_clock()),
+                secrets=request.secrets,
+            )
+        body_reader = BodyReader(response)
+        if not unregister and body_reader.sock is not None:
+            on_socket(body_reader.sock)
+        try:
+            return self._read_loop(body_reader, t_sent)
+        finally:
+            for forget in unregister:
+                forget()
+
+    def _send_failed(self, exc: BaseException, t_sent: float) -> WorkerError:
+        if is_timeout(exc) and not is_connect_timeout(exc):
+            return self._timer_error(t_sent, progressed=False, where="waiting for the response headers")
+        error = translate_exception(exc, phase="connect", secrets=self.request.secrets)
+        if self.on_connect_failure is not None and error.retriable:
+            self.on_connect_failure()
+        if self.clock() >= self.deadline:
+            return error_for("deadline", f"last failure: {error.message}")
+        return error
+
+    def _timer_error(self, t_sent: float, *, progressed: bool, where: str) -> WorkerError:
+        now = self.clock()
+        if now >= self.deadline - 0.001:
+            return error_for("deadline", where)
+        if not progressed:
+            return error_for(
+                "first_token_timeout", f"{self.timeouts.first_token:g}s passed {where}"
+            )
+        return error_for("token_idle_timeout", f"{self.timeouts.token_idle:g}s without a data frame")
+
+    def _read_loop(self, body: BodyReader, t_sent: float) -> Optional[WorkerError]:
+        channel = self.channel
+        mapper = self.mapper_factory()
+        feed = SseDecoder(self.max_frame_bytes).feed
+        map_feed = mapper.feed
+        read = body.read
+        settimeout = body.settimeout
+        put = channel.put
+        clock = self.clock
+        deadline = self.deadline
+        idle = self.timeouts.token_idle
+        limit = min(t_sent + self.timeouts.first_token, deadline)
+        progressed = False
+        while True:
+            now = clock()
+            wait = limit - now
+            if wait <= 0 or channel.cancelled:
+                break
+            settimeout(wait)
+            try:
+                data = read()
+            except socket.timeout:
+                break
+            except Exception as exc:
+                if channel.cancelled:
+                    break
+                return self._fail(mapper, body, translate_exception(exc, phase="read", secrets=self.request.secrets))
+            if not data:
+                if channel.cancelled:
+                    break
+                now = clock()
+                events = mapper.at_eof(now)
+                return self._finish(mapper, body, events)
+            try:
+                payloads = feed(data)
+            except FrameTooLarge as exc:
+                return self._fail(mapper, body, error_for("frame_too_large", str(exc)))
+            if payloads:
+                now = clock()
+                progressed = True
+                events = map_feed(payloads, now)
+                limit = now + idle
+                if limit > deadline:
+                    limit = deadline
+                if mapper.done:
+                    return self._finish(mapper, body, events)
+                if events:
+                    put(events)
+        # A timer expired, or the stream was cancelled.
+        body.abort()
+        if channel.cancelled:
+            channel.stats["outcome"] = "cancelled"
+            return None
+        error = self._timer_error(t_sent, progressed=progressed, where="waiting for the first data frame")
+        return self._fail(mapper, None, error)
+
+    def _fail(self, mapper: FrameMapper, body: Optional[BodyReader], error: WorkerError) -> Optional[WorkerError]:
+        if body is not None:
+            body.abort()
+        if self.channel.cancelled:
+            return None
+        if not mapper.started_sent:
+            return error  # nothing was emitted: the retry loop decides
+        self._record(mapper, error.code.value)
+        self.channel.put([error.to_event()])
+        return None
+
+    def _finish(self, mapper: FrameMapper, body: BodyReader, events: List[TokenEvent]) -> Optional[WorkerError]:
+        error = mapper.error
+        if error is not None and error.code.value == "WORKER_RESET":
+            body.abort()
+        else:
+            self._drain(body)
+        if error is not None:
+            if not mapper.started_sent:
+                if events:  # pragma: no cover - a mapper emits nothing before started
+                    self.channel.put(events)
+                return error
+            events.append(error.to_event())
+            self._record(mapper, error.code.value)
+        else:
+            self._record(mapper, "end")
+        self.channel.put(events)
+        return None
+
+    def _drain(self, body: BodyReader) -> None:
+        try:
+            body.settimeout(_DRAIN_S)
+            while not body.complete:
+                if not body.read():
+                    break
+        except Exception:
+            pass
+        body.release()
+
+    def _record(self, mapper: FrameMapper, outcome: str) -> None:
+        stats = self.channel.stats
+        stats["outcome"] = outcome
+        stats["tokens_in"] = mapper.tokens_in
+        stats["tokens_out"] = mapper.tokens_out if mapper.done else len(mapper.texts)
+        if mapper.t_first is not None:
+            stats["latency_first_token_ms"] = int(round((mapper.t_first - mapper.t_submit) * 1000))
+        stats["retries"] = self.attempts.retries
