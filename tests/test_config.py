@@ -24,8 +24,14 @@ def test_defaults_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"connect": -1}, {"control": 0}, {"first_token": float("inf")}, {"token_idle": float("nan")},
-     {"connect": "5"}, {"control": True}],
+    [
+        {"connect": -1},
+        {"control": 0},
+        {"first_token": float("inf")},
+        {"token_idle": float("nan")},
+        {"connect": "5"},
+        {"control": True},
+    ],
 )
 def test_bad_timeouts_are_a_clear_value_error(kwargs: Dict[str, Any]) -> None:
     name = next(iter(kwargs))
@@ -35,8 +41,14 @@ def test_bad_timeouts_are_a_clear_value_error(kwargs: Dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"attempts": 0}, {"attempts": 1.5}, {"base": -0.1}, {"multiplier": 0.5}, {"cap": float("nan")},
-     {"retry_after_cap": -1}],
+    [
+        {"attempts": 0},
+        {"attempts": 1.5},
+        {"base": -0.1},
+        {"multiplier": 0.5},
+        {"cap": float("nan")},
+        {"retry_after_cap": -1},
+    ],
 )
 def test_bad_retry_policies_are_a_clear_value_error(kwargs: Dict[str, Any]) -> None:
     name = next(iter(kwargs))
@@ -46,9 +58,19 @@ def test_bad_retry_policies_are_a_clear_value_error(kwargs: Dict[str, Any]) -> N
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"route": "grpc"}, {"max_frame_bytes": 10}, {"pool_maxsize": 0}, {"verify": ""}, {"verify": 1.0},
-     {"headers": {"X-A": 1}}, {"timeouts": {"connect": 1}}, {"retry": 3}, {"cert": ("a",)}, {"info_ttl": -1},
-     {"pool_id": 3}],
+    [
+        {"route": "grpc"},
+        {"max_frame_bytes": 10},
+        {"pool_maxsize": 0},
+        {"verify": ""},
+        {"verify": 1.0},
+        {"headers": {"X-A": 1}},
+        {"timeouts": {"connect": 1}},
+        {"retry": 3},
+        {"cert": ("a",)},
+        {"info_ttl": -1},
+        {"pool_id": 3},
+    ],
 )
 def test_bad_adapter_configs_are_a_clear_value_error(kwargs: Dict[str, Any]) -> None:
     name = next(iter(kwargs))
@@ -112,7 +134,9 @@ def test_bad_environment_values_name_the_variable(env: Dict[str, str], match: st
 
 
 def test_from_env_reads_url_and_token_but_never_an_ambient_hf_token() -> None:
-    adapter = TgiHttpAdapter.from_env({"TGI_ADAPTER_URL": "http://127.0.0.1:9/", "HF_TOKEN": "hf_ambientambientambient"})
+    adapter = TgiHttpAdapter.from_env(
+        {"TGI_ADAPTER_URL": "http://127.0.0.1:9/", "HF_TOKEN": "hf_ambientambientambient"}
+    )
     try:
         assert "Authorization" not in adapter._headers
         assert adapter.base_url == "http://127.0.0.1:9"
@@ -129,9 +153,7 @@ def test_from_env_reads_url_and_token_but_never_an_ambient_hf_token() -> None:
         TgiHttpAdapter.from_env({})
 
 
-@pytest.mark.parametrize(
-    "url", ["", "127.0.0.1:3000", "ftp://h/", "http://", "http://h/?q=1", "http:///path"]
-)
+@pytest.mark.parametrize("url", ["", "127.0.0.1:3000", "ftp://h/", "http://", "http://h/?q=1", "http:///path"])
 def test_unusable_base_urls_are_a_value_error(url: str) -> None:
     with pytest.raises(ValueError, match="base_url"):
         TgiHttpAdapter(url)

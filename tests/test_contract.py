@@ -112,8 +112,11 @@ def test_bad_conversations_name_the_message(inputs: Any, field: str) -> None:
 
 
 def test_from_dict_reads_the_orchestrators_json_and_ignores_other_engines_fields() -> None:
-    data = json.loads(json.dumps({**BASE, "kv_hint": "reuse", "unknown_future_field": 1,
-                                  "sampling": {"temperature": 0.7, "stop": ["\n"]}}))
+    data = json.loads(
+        json.dumps(
+            {**BASE, "kv_hint": "reuse", "unknown_future_field": 1, "sampling": {"temperature": 0.7, "stop": ["\n"]}}
+        )
+    )
     task = TaskRequest.from_dict(data)
     assert task.kv_hint == "reuse"
     assert task.sampling == SamplingParams(temperature=0.7, stop=("\n",))
@@ -196,7 +199,11 @@ def test_errors_pickle_with_their_attributes(kind: ErrorKind) -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error)
     assert (copy.code, copy.message, copy.retriable, copy.retry_after_ms, copy.advice) == (
-        kind, "it broke", True, 1500, "try again",
+        kind,
+        "it broke",
+        True,
+        1500,
+        "try again",
     )
 
 

@@ -117,9 +117,7 @@ def test_engine_info_understands_each_era(
     assert "max_input_length" not in got.extra
 
 
-def test_engine_info_is_cached_for_its_ttl(
-    mock: responses.RequestsMock, adapter: TgiHttpAdapter, clock: Clock
-) -> None:
+def test_engine_info_is_cached_for_its_ttl(mock: responses.RequestsMock, adapter: TgiHttpAdapter, clock: Clock) -> None:
     rsp = mock.get(f"{URL}/info", json=INFO_3)
     adapter.engine_info()
     adapter.engine_version()
@@ -268,7 +266,9 @@ def test_the_engines_own_token_limit_422_is_pool_unavailable(
     assert events[0].data["retriable"] is False
 
 
-def test_cuda_oom_is_pool_unavailable(mock: responses.RequestsMock, adapter: TgiHttpAdapter, make_task: MakeTask) -> None:
+def test_cuda_oom_is_pool_unavailable(
+    mock: responses.RequestsMock, adapter: TgiHttpAdapter, make_task: MakeTask
+) -> None:
     mock.get(f"{URL}/info", json=INFO_3)
     message = "Request failed during generation: Server error: CUDA out of memory. Tried to allocate 2.00 GiB"
     body = b"data: " + json.dumps({"error": message, "error_type": "generation"}).encode() + b"\n\n"
@@ -325,7 +325,9 @@ def test_strict_sends_greedy_with_details_and_the_seed(
     assert events[-1].data["seed"] is None  # greedy: the engine reports no seed
 
 
-def test_a_sampled_seed_is_echoed_in_end(mock: responses.RequestsMock, adapter: TgiHttpAdapter, make_task: MakeTask) -> None:
+def test_a_sampled_seed_is_echoed_in_end(
+    mock: responses.RequestsMock, adapter: TgiHttpAdapter, make_task: MakeTask
+) -> None:
     mock.get(f"{URL}/info", json=INFO_3)
     seed = 18435558523380366744  # > 2**63: seeds are unsigned 64-bit
     mock.post(f"{URL}/generate_stream", body=native_frames(["a", "b"], seed=seed), content_type="text/event-stream")

@@ -62,22 +62,56 @@ def run(h: Harness, task: TaskRequest) -> List[Any]:
 
 
 ERROR_ROWS: List[Tuple[str, Dict[str, Any], str, bool]] = [
-    ("422 json", {"status": 422, "json": {"error": "Input validation error: `top_k` must be strictly positive",
-                                          "error_type": "validation"}}, "INVALID_PARAMS", False),
-    ("422 axum text", {"status": 422, "body": "Failed to deserialize the JSON body into the target type: "
-                       "parameters.stop: invalid type: string \"x\", expected a sequence at line 1 column 40",
-                       "content_type": "text/plain; charset=utf-8"}, "INVALID_PARAMS", False),
+    (
+        "422 json",
+        {
+            "status": 422,
+            "json": {"error": "Input validation error: `top_k` must be strictly positive", "error_type": "validation"},
+        },
+        "INVALID_PARAMS",
+        False,
+    ),
+    (
+        "422 axum text",
+        {
+            "status": 422,
+            "body": "Failed to deserialize the JSON body into the target type: "
+            'parameters.stop: invalid type: string "x", expected a sequence at line 1 column 40',
+            "content_type": "text/plain; charset=utf-8",
+        },
+        "INVALID_PARAMS",
+        False,
+    ),
     ("401 empty", {"status": 401, "body": b""}, "POOL_UNAVAILABLE", False),
     ("403", {"status": 403, "body": b"forbidden"}, "POOL_UNAVAILABLE", False),
     ("404", {"status": 404, "body": b""}, "POOL_UNAVAILABLE", False),
-    ("413 text", {"status": 413, "body": "Failed to buffer the request body: length limit exceeded",
-                  "content_type": "text/plain"}, "INVALID_PARAMS", False),
-    ("424", {"status": 424, "json": {"error": "Request failed during generation: Server error: boom",
-                                     "error_type": "generation"}}, "INTERNAL", False),
+    (
+        "413 text",
+        {
+            "status": 413,
+            "body": "Failed to buffer the request body: length limit exceeded",
+            "content_type": "text/plain",
+        },
+        "INVALID_PARAMS",
+        False,
+    ),
+    (
+        "424",
+        {
+            "status": 424,
+            "json": {"error": "Request failed during generation: Server error: boom", "error_type": "generation"},
+        },
+        "INTERNAL",
+        False,
+    ),
     ("500 no type", {"status": 500, "body": b"Internal Server Error"}, "INTERNAL", False),
     ("418", {"status": 418, "body": b"teapot"}, "INTERNAL", False),
-    ("400 text", {"status": 400, "body": "Failed to parse the request body as JSON", "content_type": "text/plain"},
-     "INTERNAL", False),
+    (
+        "400 text",
+        {"status": 400, "body": "Failed to parse the request body as JSON", "content_type": "text/plain"},
+        "INTERNAL",
+        False,
+    ),
 ]
 
 
@@ -97,12 +131,21 @@ def test_non_retriable_statuses_end_the_stream_with_one_error(
 RETRIABLE_ROWS: List[Tuple[str, Dict[str, Any], str]] = [
     ("429", {"status": 429, "json": {"error": "Model is overloaded", "error_type": "overloaded"}}, "ADMISSION_REJECT"),
     ("503", {"status": 503, "json": {"error": "unhealthy", "error_type": "healthcheck"}}, "POOL_UNREADY"),
-    ("500 incomplete", {"status": 500, "json": {"error": "Incomplete generation",
-                                                "error_type": "incomplete_generation"}}, "WORKER_RESET"),
-    ("502 html", {"status": 502, "body": "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
-                  "content_type": "text/html"}, "POOL_UNAVAILABLE"),
-    ("504 html", {"status": 504, "body": "<html><body>504 Gateway Time-out</body></html>",
-                  "content_type": "text/html"}, "DECODE_TIMEOUT"),
+    (
+        "500 incomplete",
+        {"status": 500, "json": {"error": "Incomplete generation", "error_type": "incomplete_generation"}},
+        "WORKER_RESET",
+    ),
+    (
+        "502 html",
+        {"status": 502, "body": "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>", "content_type": "text/html"},
+        "POOL_UNAVAILABLE",
+    ),
+    (
+        "504 html",
+        {"status": 504, "body": "<html><body>504 Gateway Time-out</body></html>", "content_type": "text/html"},
+        "DECODE_TIMEOUT",
+    ),
     ("refused", {"body": requests.exceptions.ConnectionError("Connection refused")}, "POOL_UNAVAILABLE"),
 ]
 
@@ -160,8 +203,12 @@ def test_retry_after_as_an_http_date(h: Harness, make_task: MakeTask) -> None:
 
 
 def test_retry_after_over_the_cap_is_not_waited_for_but_reported(h: Harness, make_task: MakeTask) -> None:
-    h.mock.post(STREAM, status=429, headers={"Retry-After": "120"},
-                json={"error": "Model is overloaded", "error_type": "overloaded"})
+    h.mock.post(
+        STREAM,
+        status=429,
+        headers={"Retry-After": "120"},
+        json={"error": "Model is overloaded", "error_type": "overloaded"},
+    )
     events = run(h, make_task())
     assert kinds(events) == ["error"]
     assert events[0].data["retry_after_ms"] == 120_000
@@ -170,8 +217,12 @@ def test_retry_after_over_the_cap_is_not_waited_for_but_reported(h: Harness, mak
 
 
 def test_no_retry_wait_crosses_the_deadline(h: Harness, make_task: MakeTask) -> None:
-    h.mock.post(STREAM, status=429, headers={"Retry-After": "5"},
-                json={"error": "Model is overloaded", "error_type": "overloaded"})
+    h.mock.post(
+        STREAM,
+        status=429,
+        headers={"Retry-After": "5"},
+        json={"error": "Model is overloaded", "error_type": "overloaded"},
+    )
     events = run(h, make_task(deadline_ms=3000))
     assert events[0].data["code"] == "ADMISSION_REJECT"
     assert h.sleeps == []
@@ -189,8 +240,9 @@ def test_an_overloaded_frame_before_any_token_is_retried_transparently(h: Harnes
 def test_an_error_after_a_token_is_terminal(h: Harness, make_task: MakeTask) -> None:
     body = native_frames([" a", " b"])
     first_frame = body.split(b"\n\n")[0] + b"\n\n"
-    h.mock.post(STREAM, body=first_frame + error_frame("Model is overloaded", "overloaded"),
-                content_type="text/event-stream")
+    h.mock.post(
+        STREAM, body=first_frame + error_frame("Model is overloaded", "overloaded"), content_type="text/event-stream"
+    )
     events = run(h, make_task())
     assert kinds(events) == ["started", "token", "error"]
     assert events[-1].data["code"] == "ADMISSION_REJECT"
@@ -227,21 +279,32 @@ def test_an_oversized_frame_is_an_error_not_unbounded_memory(make_task: MakeTask
 
 
 def test_generate_returns_text_and_end_data(h: Harness, make_task: MakeTask) -> None:
-    body = {"generated_text": " Hello!", "details": {"finish_reason": "eos_token", "generated_tokens": 3,
-                                                    "seed": None, "prefill": [], "tokens": []}}
+    body = {
+        "generated_text": " Hello!",
+        "details": {"finish_reason": "eos_token", "generated_tokens": 3, "seed": None, "prefill": [], "tokens": []},
+    }
     h.mock.post(f"{URL}/generate", json=body, headers={"x-prompt-tokens": "4", "x-inference-time": "12"})
     text, end = h.adapter.generate(make_task())
     assert text == " Hello!"
-    assert end == {"tokens_out": 3, "decode_ms": 12, "finish_reason": "eos_token", "tokens_in": 4, "seed": None,
-                   "engine_version": "3.3.6+sha.1a2b3c4"}
+    assert end == {
+        "tokens_out": 3,
+        "decode_ms": 12,
+        "finish_reason": "eos_token",
+        "tokens_in": 4,
+        "seed": None,
+        "engine_version": "3.3.6+sha.1a2b3c4",
+    }
     sent = json.loads(h.mock.calls[-1].request.body)
     assert sent["parameters"]["details"] is True
 
 
 def test_generate_retries_and_raises_worker_errors(h: Harness, make_task: MakeTask) -> None:
     h.mock.post(f"{URL}/generate", status=429, json={"error": "Model is overloaded", "error_type": "overloaded"})
-    h.mock.post(f"{URL}/generate", status=422, json={"error": "Input validation error: `temperature` must be "
-                                                               "strictly positive", "error_type": "validation"})
+    h.mock.post(
+        f"{URL}/generate",
+        status=422,
+        json={"error": "Input validation error: `temperature` must be strictly positive", "error_type": "validation"},
+    )
     with pytest.raises(WorkerError) as info:
         h.adapter.generate(make_task())
     assert info.value.code is ErrorKind.INVALID_PARAMS

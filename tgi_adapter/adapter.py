@@ -261,7 +261,7 @@ class TgiHttpAdapter(WorkerAdapter):
             raise error_from_status(status, body, headers.get("content-type", ""), secrets=self._secrets)
         try:
             info = engine_info_from_json(json.loads(body))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise error_for("malformed", f"/info: {exc}") from None
         with self._lock:
             self._info = info
@@ -641,7 +641,7 @@ class TgiHttpAdapter(WorkerAdapter):
                     elapsed_ms=elapsed_ms,
                     sampled_seed=sampled_seed,
                 )
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 return error_for("malformed", f"the answer: {exc}")
             result["answer"] = answer
             return None

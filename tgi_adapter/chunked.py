@@ -19,6 +19,9 @@ __all__ = ["ChunkedDecoder", "ChunkedError"]
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 _MAX_LINE = 4096
+_HEX = b"0123456789abcdefABCDEF"
+# 16 hex digits already exceed any chunk a server could mean.
+_MAX_SIZE_DIGITS = 16
 
 
 class ChunkedError(ValueError):
@@ -69,10 +72,12 @@ class ChunkedDecoder:
             return None
         end = 2 * pairs
         datas = parts[1:end:2]
-        try:
-            sizes = list(map(int, parts[0:end:2], repeat(16, pairs)))
-        except ValueError:
+        heads = parts[0:end:2]
+        # int(x, 16) also takes signs, "_" and "0x": only bare hex digits are sizes.
+        widths = list(map(len, heads))
+        if b"".join(heads).translate(None, _HEX) or min(widths) == 0 or max(widths) > _MAX_SIZE_DIGITS:
             return None  # extensions or garbage: let the exact path say which
+        sizes = list(map(int, heads, repeat(16, pairs)))
         if sizes != list(map(len, datas)) or 0 in sizes:
             return None
         if n & 1:
@@ -82,10 +87,10 @@ class ChunkedDecoder:
             self._rem = tail
             return b"".join(datas)
         # The read ended inside the data of one more chunk.
-        try:
-            size = int(parts[-2], 16)
-        except ValueError:
+        head = parts[-2]
+        if not head or head.translate(None, _HEX) or len(head) > _MAX_SIZE_DIGITS:
             return None
+        size = int(head, 16)
         tail = parts[-1]
         if size == 0 or len(tail) > size:
             return None
@@ -125,19 +130,18 @@ class ChunkedDecoder:
                     if n - pos > _MAX_LINE:
                         raise ChunkedError("chunk size line too long")
                     break
+                if nl - pos > _MAX_LINE:
+                    raise ChunkedError("chunk size line too long")
                 line = buf[pos:nl]
                 pos = nl + 2
                 if state == _TRAILER:
                     if not line:
                         self._state = _DONE
                     continue
-                size_text = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise ChunkedError(f"bad chunk size line {line[:32]!r}") from None
-                if size < 0 or not size_text.isalnum():
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if not size_text or size_text.translate(None, _HEX) or len(size_text) > _MAX_SIZE_DIGITS:
                     raise ChunkedError(f"bad chunk size line {line[:32]!r}")
+                size = int(size_text, 16)
                 if size == 0:
                     self._state = _TRAILER
                 else:

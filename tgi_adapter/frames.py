@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .contract import TokenEvent, make_event
 from .errors import WorkerError
@@ -59,6 +59,7 @@ class FrameMapper:
         self.t_first: Optional[float] = None
         self.tokens_in: Optional[int] = None
         self.tokens_out = 0
+        self.decode_ms: Optional[int] = None
         self.texts: List[str] = []
         self._secrets = secrets
         self._i = 0  # index of the next emitted token
@@ -67,22 +68,28 @@ class FrameMapper:
 
     # -- shared helpers -----------------------------------------------------
 
-    def _parse(self, payloads: List[bytes]) -> List[Any]:
-        """Parse every payload; on the first bad one, keep what came before it."""
+    def _parse(self, payloads: List[bytes]) -> Tuple[List[Any], Optional[WorkerError]]:
+        """Parse every payload; on the first bad one, the frames before it and the error.
+
+        One ``json.loads`` for the whole read is the fast way; it is only
+        trusted when it yields one value per payload (a payload such as
+        ``{..},{..}`` would otherwise pass as two frames).
+        """
         if len(payloads) > 1:
             try:
                 frames: List[Any] = _loads(b"[" + b",".join(payloads) + b"]")
-                return frames
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
+            else:
+                if len(frames) == len(payloads):
+                    return frames, None
         frames = []
         for payload in payloads:
             try:
                 frames.append(_loads(payload))
-            except ValueError:
-                self._fail(error_for("malformed", f"a frame is not JSON: {payload[:80]!r}"))
-                break
-        return frames
+            except (ValueError, RecursionError):
+                return frames, error_for("malformed", f"a frame is not JSON: {payload[:80]!r}")
+        return frames, None
 
     def _fail(self, error: WorkerError) -> None:
         self.error = error
@@ -113,7 +120,7 @@ class FrameMapper:
         self.done = True
         self.tokens_out = tokens_out if tokens_out is not None else self._frames
         first = self.t_first if self.t_first is not None else now
-        decode_ms = _ms(now - first)
+        decode_ms = self.decode_ms = _ms(now - first)
         out.append(
             make_event(
                 "metrics",
@@ -163,7 +170,7 @@ class NativeFrames(FrameMapper):
         out: List[TokenEvent] = []
         if self.done:
             return out
-        frames = self._parse(payloads)
+        frames, parse_error = self._parse(payloads)
         if self.t_first is None and frames:
             self.t_first = now
         texts_append = self.texts.append
@@ -192,6 +199,8 @@ class NativeFrames(FrameMapper):
         except (AttributeError, KeyError, TypeError) as exc:
             self._fail(error_for("malformed", f"unexpected frame shape ({exc})"))
         self._i = i
+        if parse_error is not None and not self.done:
+            self._fail(parse_error)
         return out
 
     def _special_frame(self, frame: Dict[str, Any], out: List[TokenEvent], now: float) -> None:
@@ -247,19 +256,20 @@ class OpenAIFrames(FrameMapper):
         finished = _DONE in payloads
         if finished:
             payloads = [p for p in payloads if p != _DONE]
-        frames = self._parse(payloads)
+        frames, parse_error = self._parse(payloads)
         if self.t_first is None and frames:
             self.t_first = now
-        failed = self.done
         try:
             for frame in frames:
                 self._frame(frame, out)
-                if self.done and not failed:
+                if self.done:
                     return out
         except (AttributeError, KeyError, TypeError, IndexError) as exc:
             self._fail(error_for("malformed", f"unexpected chunk shape ({exc})"))
             return out
-        if finished and not self.done:
+        if parse_error is not None:
+            self._fail(parse_error)
+        elif finished:
             self._finish_stream(out, now)
         return out
 
@@ -287,13 +297,18 @@ class OpenAIFrames(FrameMapper):
         else:
             text = choice.get("text")
         self._frames += 1
+        reason = choice.get("finish_reason")
+        if reason:
+            self._finish = _FINISH_OPENAI.get(reason, "eos_token")
+            if self._finish == "eos_token":
+                # The chunk that ends on EOS carries the EOS token itself: TGI's
+                # completions stream sends its text ("</s>"), which the engine's
+                # generated_text leaves out.
+                text = None
         if text:
             if text.__class__ is not str:
                 raise TypeError("content is not a string")
             self._emit_text(text, out)
-        reason = choice.get("finish_reason")
-        if reason:
-            self._finish = _FINISH_OPENAI.get(reason, "eos_token")
 
     def _finish_stream(self, out: List[TokenEvent], now: float) -> None:
         self._end(

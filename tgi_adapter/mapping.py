@@ -239,7 +239,7 @@ def error_from_status(
     if "json" in content_type or body[:1] in (b"{", b"["):
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
     if isinstance(parsed, list) and parsed and isinstance(parsed[0], Mapping):
         parsed = parsed[0]

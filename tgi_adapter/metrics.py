@@ -29,6 +29,9 @@ __all__ = [
 metrics_log = logging.getLogger("tgi_adapter.metrics")
 
 LABEL_NAMES = ("engine", "engine_version", "pool_id", "replica_id")
+# Gauges describe the engine now, not the version a task ran on: a version
+# label would leave a stale series behind after every upgrade.
+GAUGE_LABEL_NAMES = ("engine", "pool_id", "replica_id")
 #: Upper bounds (ms) of ``latency_first_token_ms`` buckets (``+Inf`` is implied).
 FIRST_TOKEN_BUCKETS_MS: Tuple[float, ...] = (
     5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
@@ -131,8 +134,10 @@ class MetricsRegistry:
                 metrics_log.debug("metrics hook failed", exc_info=True)
 
     @staticmethod
-    def _key(labels: Mapping[str, str], extra: Sequence[Tuple[str, str]] = ()) -> Labels:
-        return tuple((name, str(labels.get(name) or "")) for name in LABEL_NAMES) + tuple(extra)
+    def _key(
+        labels: Mapping[str, str], extra: Sequence[Tuple[str, str]] = (), names: Sequence[str] = LABEL_NAMES
+    ) -> Labels:
+        return tuple((name, str(labels.get(name) or "")) for name in names) + tuple(extra)
 
     def inc(self, name: str, labels: Mapping[str, str], value: float = 1.0, **extra: str) -> None:
         key = (name, self._key(labels, sorted(extra.items())))
@@ -141,13 +146,13 @@ class MetricsRegistry:
         self._emit(name, labels, value)
 
     def set_gauge(self, name: str, labels: Mapping[str, str], value: float) -> None:
-        key = (name, self._key({k: v for k, v in labels.items() if k != "engine_version"}))
+        key = (name, self._key(labels, names=GAUGE_LABEL_NAMES))
         with self._lock:
             self._gauges[key] = value
         self._emit(name, labels, value)
 
     def add_gauge(self, name: str, labels: Mapping[str, str], delta: float) -> None:
-        key = (name, self._key({k: v for k, v in labels.items() if k != "engine_version"}))
+        key = (name, self._key(labels, names=GAUGE_LABEL_NAMES))
         with self._lock:
             self._gauges[key] = self._gauges.get(key, 0.0) + delta
             value = self._gauges[key]
@@ -262,6 +267,7 @@ def _labels(labels: Mapping[str, str], *extra: Tuple[str, str]) -> str:
 
 
 def _number(value: float) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
-    return repr(float(value))
+    return repr(value)

@@ -302,6 +302,10 @@ class StreamReader:
             try:
                 payloads = feed(data)
             except FrameTooLarge as exc:
+                # Deliver the frames that came before the oversized one first.
+                events = map_feed(exc.payloads, clock()) if exc.payloads else []
+                if events and not mapper.done:
+                    put(events)
                 return self._fail(mapper, body, error_for("frame_too_large", str(exc)))
             if payloads:
                 now = clock()
@@ -366,6 +370,7 @@ class StreamReader:
         stats["outcome"] = outcome
         stats["tokens_in"] = mapper.tokens_in
         stats["tokens_out"] = mapper.tokens_out if mapper.done else len(mapper.texts)
+        stats["decode_ms"] = mapper.decode_ms
         if mapper.t_first is not None:
             stats["latency_first_token_ms"] = int(round((mapper.t_first - mapper.t_submit) * 1000))
         stats["retries"] = self.attempts.retries

@@ -20,18 +20,23 @@ SENSITIVE_HEADERS = frozenset(
 )
 
 _PATTERNS = (
-    # "Authorization: Bearer abc", "authorization=abc", "X-API-Key: abc", "Cookie: a=b"
+    # "Authorization: Bearer abc", "authorization=abc", '"X-API-Key": "abc"'
     re.compile(
-        r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|cookie)(\s*[:=]\s*)"
-        r"(?:(bearer|basic|token)\s+)?[^\s,;\"'&}]+"
+        r"(?i)(?<![A-Za-z0-9])(?P<label>[\"']?(?:proxy-)?(?:authorization|x-api-key|api-key)[\"']?)"
+        r"(?P<sep>\s*[:=]\s*[\"']?)(?:(?P<scheme>bearer|basic|token|digest)\s+)?(?P<value>[^\s,;\"'&}]+)"
     ),
-    # "token=abc", "api_key: abc", "access_token=abc", "password=abc"
+    # "Cookie: a=b; session=c" (every pair, to the end of the line or the quote)
     re.compile(
-        r"(?i)\b((?:access_|refresh_|id_)?token|api[_-]?key|secret|password)"
-        r"(\"?\s*[:=]\s*\"?)[^\s,;\"'&}]+"
+        r"(?i)(?<![A-Za-z0-9])(?P<label>[\"']?(?:set-)?cookie[\"']?)(?P<sep>\s*[:=]\s*[\"']?)"
+        r"(?P<value>[^\r\n\"']+)"
+    ),
+    # "token=abc", "api_key: abc", "auth_token=abc", "client_secret=abc", "HF_API_TOKEN=abc"
+    re.compile(
+        r"(?i)(?<![A-Za-z0-9])(?P<label>(?:[A-Za-z0-9]+[_-])*(?:token|api[_-]?key|secret|password|passwd))"
+        r"(?P<sep>[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s,;\"'&}]+)"
     ),
     # a bare "Bearer abc" anywhere
-    re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(?<![A-Za-z0-9])(?P<label>bearer)(?P<sep>\s+)(?P<value>[A-Za-z0-9._~+/=-]+)"),
 )
 # Hugging Face tokens have a recognisable shape even without a label.
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
@@ -45,9 +50,8 @@ def fingerprint(secret: Optional[str]) -> str:
 
 
 def _mask(match: re.Match[str]) -> str:
-    groups = match.groups()
-    scheme = groups[2] + " " if len(groups) > 2 and groups[2] else ""
-    return f"{groups[0]}{groups[1]}{scheme}[redacted]"
+    scheme = match.groupdict().get("scheme")
+    return f"{match['label']}{match['sep']}{scheme + ' ' if scheme else ''}[redacted]"
 
 
 def redact_text(text: str, secrets: Iterable[Optional[str]] = ()) -> str:

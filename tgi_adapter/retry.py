@@ -85,7 +85,7 @@ class RetryPolicy:
         try:
             ceiling = self.base * self.multiplier**failed_tries
         except OverflowError:
-            return self.cap
+            return 0.0 if self.base == 0 else self.cap
         return min(self.cap, ceiling)
 
     def next_delay(
@@ -128,7 +128,7 @@ def parse_retry_after(value: str, now_epoch: float) -> Optional[float]:
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(int(value))
     try:
         seconds = float(value)

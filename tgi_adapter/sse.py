@@ -19,11 +19,16 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class FrameTooLarge(ValueError):
-    """A line or an event grew past the decoder's limit."""
+    """A line or an event grew past the decoder's limit.
 
-    def __init__(self, limit: int) -> None:
+    ``payloads`` holds the events completed before the oversized one, so a
+    caller can still deliver them before it reports the failure.
+    """
+
+    def __init__(self, limit: int, payloads: Optional[List[bytes]] = None) -> None:
         super().__init__(f"an SSE frame exceeded {limit} bytes")
         self.limit = limit
+        self.payloads: List[bytes] = payloads or []
 
 
 class SseDecoder:
@@ -68,18 +73,26 @@ class SseDecoder:
                 seps = body.count(b"\n\ndata:")
                 if body.count(b"\n") == 2 * seps and b"\r" not in body:
                     out = _split_frames(body, seps)
-                    if len(body) > self.max_frame_bytes and max(map(len, out)) > self.max_frame_bytes:
-                        raise FrameTooLarge(self.max_frame_bytes)
+                    limit = self.max_frame_bytes
+                    if len(body) > limit:
+                        lines = body.split(b"\n\n")
+                        if max(map(len, lines)) > limit:
+                            first = next(n for n, line in enumerate(lines) if len(line) > limit)
+                            raise FrameTooLarge(limit, out[:first])
                     rest = buf[cut + 2 :]
                     self._rem = b""
                     if rest:
-                        out.extend(self._feed_lines(rest))
+                        try:
+                            out.extend(self._feed_lines(rest))
+                        except FrameTooLarge as exc:
+                            exc.payloads = out + exc.payloads
+                            raise
                     return out
         self._rem = b""
         return self._feed_lines(buf)
 
     def _feed_lines(self, buf: bytes) -> List[bytes]:
-        if self._cr:
+        if self._cr and buf:
             self._cr = False
             if buf[:1] == b"\n":
                 buf = buf[1:]
@@ -89,11 +102,12 @@ class SseDecoder:
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buf.split(b"\n")
         rem = lines.pop()
-        if len(rem) > self.max_frame_bytes:
-            raise FrameTooLarge(self.max_frame_bytes)
         self._rem = rem
         out: List[bytes] = []
+        limit = self.max_frame_bytes
         for line in lines:
+            if len(line) > limit:
+                raise FrameTooLarge(limit, out)
             if not line:
                 data = self._data
                 if data is not None:
@@ -112,12 +126,14 @@ class SseDecoder:
                     value = value[1:]
             if name == b"data":
                 self._data_size += len(value) + 1
-                if self._data_size > self.max_frame_bytes or len(line) > self.max_frame_bytes:
-                    raise FrameTooLarge(self.max_frame_bytes)
+                if self._data_size > limit:
+                    raise FrameTooLarge(limit, out)
                 if self._data is None:
                     self._data = [value]
                 else:
                     self._data.append(value)
+        if len(rem) > limit:
+            raise FrameTooLarge(limit, out)
         return out
 
 

@@ -1,0 +1,859 @@
+"""The pure core of the fake TGI engine: no sockets, no threads, no clock.
+
+It holds what a TGI version decides (:class:`Profile`), the scripted faults
+(:class:`Fault`), a toy tokenizer and generator, the request decoding that axum's
+``Json`` extractor performs before any TGI code runs, and TGI's own request
+validation with its exact messages and order (``router/src/validation.rs``).
+Rendering of bodies and frames lives in :mod:`tgi_adapter.testing.fake_render`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import types
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "FAULT_KINDS",
+    "GENERATION_ROUTES",
+    "Fault",
+    "Generation",
+    "Limits",
+    "Params",
+    "Profile",
+    "Reply",
+    "SimpleToken",
+    "Token",
+    "count_tokens",
+    "decode_body",
+    "generate",
+    "parse_version",
+    "planned_new_tokens",
+    "tokenize",
+    "validate",
+]
+
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+
+# Optional Fault arguments each kind accepts; anything else set on a fault is a
+# mistake in the test that scripted it, so construction refuses it.
+_FAULT_ARGS: dict[str, frozenset[str]] = {
+    "status": frozenset({"status", "body", "headers", "content_type", "error_type", "message"}),
+    "error_frame": frozenset({"at_token", "error_type", "message"}),
+    "stall": frozenset({"at_token"}),
+    "keepalive_only": frozenset({"at_token", "delay_s"}),
+    "reset": frozenset({"at_token", "at_byte"}),
+    "truncate": frozenset({"at_token", "at_byte"}),
+    "slow_headers": frozenset({"delay_s"}),
+    "malformed": frozenset({"at_token"}),
+    "oversized": frozenset({"at_token", "size"}),
+    "disconnect_before_headers": frozenset(),
+}
+FAULT_KINDS = frozenset(_FAULT_ARGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """A scripted misbehaviour for the next matching request(s) of a ``FakeTgiServer``.
+
+    Token positions count token frames: "after ``at_token``" means once that many
+    token frames were written (0: before the first). A token-positioned fault acts
+    only when the answer has more than ``at_token`` token frames; either way a
+    fault that matched a request is used up. Kinds:
+
+    - ``"status"``: answer HTTP ``status`` instead, on any route ``path`` matches;
+      the body defaults to TGI's JSON error for that status (502/504: a proxy's
+      HTML page; others: empty), plus ``headers`` (e.g. ``Retry-After``).
+    - ``"error_frame"``: after ``at_token`` token frames, an error frame of
+      ``error_type`` (default ``"generation"``) in the route's shape, then the
+      stream ends as TGI ends it (``[DONE]`` on OpenAI routes since 2.2). A
+      non-streamed answer becomes the HTTP error of that type instead. Acts only
+      on a request that would have succeeded.
+    - ``"stall"``: after ``at_token`` token frames (non-streamed: before any
+      byte), send nothing until the client leaves or the server stops.
+    - ``"keepalive_only"``: like stall, but write ``:\\n\\n`` every ``delay_s``
+      (default: the server's ``keepalive_s``); a non-streamed answer just stalls.
+    - ``"reset"``: after ``at_token`` token frames, or after exactly ``at_byte``
+      response bytes (headers included), abort the connection with RST.
+    - ``"truncate"``: after ``at_token`` token frames, end the chunked body
+      cleanly (``0\\r\\n\\r\\n``) without the rest, the final frame included;
+      the connection stays usable. With ``at_byte``: close (FIN) after exactly
+      that many response bytes. Non-streamed without ``at_byte``: the headers,
+      then FIN.
+    - ``"slow_headers"``: hold the request ``delay_s`` before answering normally.
+    - ``"malformed"``: after ``at_token`` token frames, insert the frame
+      ``data: {"index":`` (not JSON), then continue normally. Non-streamed: the
+      body is cut to its first half.
+    - ``"oversized"``: the token frame after ``at_token`` ones carries padding
+      (``x``) in its token text so its data line is ``size`` bytes, then the
+      stream continues. Streams only.
+    - ``"disconnect_before_headers"``: read the request, then close (FIN).
+
+    :param times: how many matching requests get the fault (consumed first in, first out).
+    :param path: the request path it applies to; None means any generation route.
+    :raises ValueError: on an unknown kind, a missing or out-of-range argument, or
+        an argument the kind does not use.
+    """
+
+    kind: str
+    at_token: int = 0
+    status: int | None = None
+    body: bytes | str | None = None
+    headers: Mapping[str, str] | None = None
+    content_type: str | None = None
+    error_type: str | None = None
+    message: str | None = None
+    delay_s: float = 0.0
+    at_byte: int | None = None
+    size: int | None = None
+    times: int = 1
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        for field in dataclasses.fields(self):
+            unused = field.name not in _FAULT_ARGS[self.kind] | {"kind", "times", "path"}
+            if unused and getattr(self, field.name) != field.default:
+                raise ValueError(f"fault {self.kind!r} does not take {field.name}")
+        if self.at_token < 0:
+            raise ValueError("at_token must be >= 0")
+        if self.times < 1:
+            raise ValueError("times must be >= 1")
+        if self.delay_s < 0:
+            raise ValueError("delay_s must be >= 0")
+        if self.at_byte is not None:
+            if self.at_byte < 0:
+                raise ValueError("at_byte must be >= 0")
+            if self.at_token:
+                raise ValueError("give at_token or at_byte, not both")
+        if self.kind == "status" and (self.status is None or not 100 <= self.status <= 599):
+            raise ValueError("fault 'status' needs status between 100 and 599")
+        if self.kind == "oversized" and (self.size is None or self.size < 1):
+            raise ValueError("fault 'oversized' needs size >= 1")
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError("path must start with '/'")
+        if self.headers is not None:
+            object.__setattr__(self, "headers", types.MappingProxyType(dict(self.headers)))
+
+    def matches(self, path: str) -> bool:
+        """Whether a request for ``path`` (no query string) gets this fault."""
+        if self.path is None:
+            return path in GENERATION_ROUTES
+        return path == self.path
+
+
+_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:[-+.][0-9A-Za-z.+-]*)?$")
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"3.3.6-dev0"`` → ``(3, 3, 6)``.
+
+    :raises ValueError: when ``text`` is not a TGI version.
+    """
+    match = _VERSION_RE.match(text)
+    if match is None:
+        raise ValueError(f"not a TGI version: {text!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Every wire difference between TGI releases, as flags of one version."""
+
+    version: str
+    v: tuple[int, int, int] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "v", parse_version(self.version))
+
+    def ge(self, major: int, minor: int, patch: int = 0) -> bool:
+        return self.v >= (major, minor, patch)
+
+    @property
+    def sse_prefix(self) -> bytes:
+        # axum 0.7 (TGI 2.1.0, PR #1959) writes a space after the field name.
+        return b"data: " if self.ge(2, 1) else b"data:"
+
+    @property
+    def default_max_new_tokens(self) -> int | None:
+        if not self.ge(1, 2):
+            return 20
+        if not self.ge(1, 3, 3):
+            return None
+        if not self.ge(3, 0):
+            return 100
+        return None
+
+    def has_route(self, path: str) -> bool:
+        since = {
+            "/ping": (0, 5, 0),
+            "/info": (0, 6, 0),
+            "/metrics": (0, 3, 0),
+            "/tokenize": (1, 4, 0),
+            "/v1/chat/completions": (1, 4, 0),
+            "/v1/completions": (1, 4, 4),
+            "/v1/models": (2, 3, 0),
+        }.get(path)
+        return since is None or self.v >= since
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The router limits a TGI launcher was started with."""
+
+    max_concurrent_requests: int = 128
+    max_total_tokens: int = 4096
+    max_input_tokens: int = 4095
+    max_stop_sequences: int = 4
+    max_best_of: int = 2
+    max_client_batch_size: int = 4
+    max_top_n_tokens: int = 5
+    payload_limit: int = 2_000_000
+    validation_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_total_tokens < 2 or not 0 < self.max_input_tokens < self.max_total_tokens:
+            raise ValueError("need 0 < max_input_tokens < max_total_tokens")
+        if self.max_concurrent_requests < 1 or self.max_client_batch_size < 1 or self.max_best_of < 1:
+            raise ValueError("max_concurrent_requests, max_client_batch_size and max_best_of must be >= 1")
+        if self.max_stop_sequences < 0:
+            raise ValueError("max_stop_sequences must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """A complete, non-streamed HTTP answer."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    #: "" when no generation was asked for, else "success" or the error type.
+    outcome: str = ""
+    #: generated tokens (the server paces a non-streamed answer by this count).
+    tokens: int = 0
+    #: increments of tgi_request_count (OpenAI routes count twice).
+    counted: int = 1
+
+
+# --- tokenizer ------------------------------------------------------------------
+
+# Chat-template markers and </s> count as one token each, like a real vocabulary.
+_TOKEN_RE = re.compile(r"<\|[^|\s]{1,32}\|>|</?s>|\w+|[^\w\s]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimpleToken:
+    """One entry of ``POST /tokenize``: ``start``/``stop`` are byte offsets into the input."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+def _token_id(text: str) -> int:
+    return 1000 + zlib.crc32(text.encode("utf-8")) % 30000
+
+
+def tokenize(text: str) -> list[SimpleToken]:
+    """Split ``text`` into words and punctuation, as ``/tokenize`` reports them."""
+    out: list[SimpleToken] = []
+    char_pos = byte_pos = 0
+    for match in _TOKEN_RE.finditer(text):
+        byte_pos += len(text[char_pos : match.start()].encode("utf-8"))
+        start = byte_pos
+        byte_pos += len(match.group().encode("utf-8"))
+        char_pos = match.end()
+        # TGI slices the text by *characters* using byte offsets (server.rs
+        # tokenize); reproduced so non-ASCII inputs look as they do there.
+        out.append(SimpleToken(_token_id(match.group()), text[start:byte_pos], start, byte_pos))
+    return out
+
+
+def count_tokens(text: str) -> int:
+    """The prompt length TGI would see: at least one token for any non-empty text."""
+    return max(1, len(_TOKEN_RE.findall(text)))
+
+
+# --- generator ------------------------------------------------------------------
+
+_CORPUS = (
+    "The model reads the prompt and writes a short answer. It sends one token at a time, so the "
+    "client can show the text while it is still being made. Each word comes from a small fixed "
+    "list, which keeps the output the same from one run to the next. A real server would think "
+    "much harder, but this one only has to look right on the wire, and that is enough for a test."
+)
+_WORDS: tuple[str, ...] = tuple(re.findall(r" ?\w+|[^\w\s]", _CORPUS))
+_WIDE_WORDS = (" café", " naïve", " über", " 🙂", " façade", " déjà")
+EOS_ID, EOS_TEXT = 2, "</s>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A generated token as TGI reports it."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "logprob": self.logprob, "special": self.special}
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One finished sequence."""
+
+    tokens: tuple[Token, ...]
+    text: str
+    finish_reason: str
+    seed: int | None
+    top_tokens: tuple[tuple[Token, ...], ...] = ()
+
+
+def _digest(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode("utf-8")).digest()[:8], "big")
+
+
+def _word_pieces(word: str, rng: random.Random, utf8_split: bool) -> list[Token]:
+    def logprob() -> float:
+        return -round(rng.uniform(0.001, 3.0), 4)
+
+    if not utf8_split or word.isascii():
+        return [Token(_token_id(word), word, logprob())]
+    # Byte-fallback vocabularies split a multi-byte character into byte tokens;
+    # TGI holds back their text ("") until the character is complete (decode_token).
+    head = word[:-1]
+    tail = word[-1]
+    raw = tail.encode("utf-8")
+    pieces = [Token(_token_id(head), head, logprob())] if head else []
+    pieces += [Token(3 + b, "", logprob()) for b in raw[:-1]]
+    pieces.append(Token(3 + raw[-1], tail, logprob()))
+    return pieces
+
+
+def _words(key: int, utf8_split: bool) -> Iterator[str]:
+    position = key % len(_WORDS)
+    count = 0
+    while True:
+        count += 1
+        if utf8_split and count % 4 == 0:
+            yield _WIDE_WORDS[(key + count) % len(_WIDE_WORDS)]
+        else:
+            yield _WORDS[position]
+            position = (position + 1) % len(_WORDS)
+
+
+def generate(
+    prompt: str,
+    *,
+    seed: int | None,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    eos_after: int | None = None,
+    utf8_split: bool = False,
+    top_n_tokens: int = 0,
+) -> Generation:
+    """Produce readable text, deterministic in ``prompt`` (greedy) or ``(prompt, seed)``.
+
+    :param seed: the sampling seed, or None for greedy decoding (reported seed null).
+    :param eos_after: emit the special EOS token after this many tokens.
+    """
+    key = _digest(prompt) if seed is None else _digest(prompt, seed)
+    rng = random.Random(key)
+    words = _words(key, utf8_split)
+    limit = max_new_tokens if eos_after is None else min(max_new_tokens, eos_after)
+    tokens: list[Token] = []
+    text = ""
+    finish = "length"
+    while len(tokens) < max_new_tokens:
+        if len(tokens) >= limit:
+            tokens.append(Token(EOS_ID, EOS_TEXT, -round(rng.uniform(0.001, 1.0), 4), special=True))
+            finish = "eos_token"
+            break
+        pieces = _word_pieces(next(words), rng, utf8_split)
+        if len(pieces) > limit - len(tokens):
+            # Never cut a character in half: the text would not decode.
+            pieces = _word_pieces(_WORDS[len(tokens) % len(_WORDS)], rng, False)
+        tokens.extend(pieces)
+        text += "".join(p.text for p in pieces)
+        if any(s and s in text for s in stop):
+            finish = "stop_sequence"
+            break
+    top: tuple[tuple[Token, ...], ...] = ()
+    if top_n_tokens:
+        top = tuple(_alternatives(t, top_n_tokens) for t in tokens)
+    return Generation(tuple(tokens), text, finish, seed, top)
+
+
+def _alternatives(token: Token, n: int) -> tuple[Token, ...]:
+    out = [token]
+    base = token.logprob if token.logprob is not None else 0.0
+    for i in range(1, n):
+        word = _WORDS[(token.id + i) % len(_WORDS)]
+        out.append(Token(_token_id(word), word, round(base - 0.5 * i, 4)))
+    return tuple(out)
+
+
+# --- request decoding (axum's Json extractor) --------------------------------------
+
+if TYPE_CHECKING:  # only in annotations, which Python 3.9 never evaluates
+    PathT = tuple[str | int, ...]
+# A serde type, as data: "str", "bool", "f32", "u32", "u64", "usize", "i32", "any",
+# ("opt", T), ("vec", T, message-if-empty), ("either", message, T...),
+# ("enum", names), ("struct", name, {field: T}, required-fields).
+SpecT = Any
+
+_INT_RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "usize": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
+_EXPECTING = {"str": "a string", "bool": "a boolean", "vec": "a sequence", "enum": "variant identifier"}
+
+
+class _Problem(Exception):
+    """A serde deserialisation error: where it happened and what serde says."""
+
+    def __init__(self, path: PathT, message: str, anchor: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+        self.anchor = anchor  # "end" / "start" of the value at path, or "close" of the object at path
+
+
+def _unexpected(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{'true' if value else 'false'}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{repr(value).replace('e+', 'e')}`"
+    if isinstance(value, str):
+        return "string " + json.dumps(value, ensure_ascii=False)
+    return "sequence" if isinstance(value, list) else "map"
+
+
+def _expecting(spec: SpecT) -> str:
+    if isinstance(spec, str):
+        return _EXPECTING.get(spec, spec)
+    if spec[0] == "opt":
+        return _expecting(spec[1])
+    if spec[0] == "struct":
+        return f"struct {spec[1]}"
+    return str(spec[1]) if spec[0] == "either" else _EXPECTING[spec[0]]
+
+
+def _check(spec: SpecT, value: Any, path: PathT) -> None:
+    """Raise :class:`_Problem` where serde would refuse ``value``."""
+    kind = spec if isinstance(spec, str) else spec[0]
+    ok = True
+    if kind == "opt":
+        if value is not None:
+            _check(spec[1], value, path)
+        return
+    if kind in _INT_RANGES:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        low, high = _INT_RANGES[kind]
+        if ok and not low <= value <= high:
+            raise _Problem(path, f"invalid value: integer `{value}`, expected {kind}", "end")
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "f32":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == "either":
+        for option in spec[2:]:
+            try:
+                _check(option, value, path)
+                return
+            except _Problem:
+                pass
+        raise _Problem(path, spec[1], "end")
+    elif kind == "enum" and isinstance(value, str):
+        if value not in spec[1]:
+            choices = ", ".join(f"`{n}`" for n in spec[1])
+            raise _Problem(path, f"unknown variant `{value}`, expected one of {choices}", "end")
+    elif kind == "vec" and isinstance(value, list):
+        if spec[2] and not value:
+            raise _Problem(path, spec[2], "end")
+        for index, item in enumerate(value):
+            _check(spec[1], item, path + (index,))
+    elif kind == "struct" and isinstance(value, dict):
+        # serde visits keys in document order and reports missing fields last.
+        for key, item in value.items():
+            if key in spec[2]:
+                _check(spec[2][key], item, path + (key,))
+        for key in spec[3]:
+            if key not in value:
+                raise _Problem(path, f"missing field `{key}`", "close")
+    elif kind != "any":
+        ok = False
+    if not ok:
+        anchor = "start" if isinstance(value, (list, dict)) else "end"
+        raise _Problem(path, f"invalid type: {_unexpected(value)}, expected {_expecting(spec)}", anchor)
+
+
+_GRAMMAR = ("struct", "GrammarType", {"type": ("enum", ("json", "json_object", "regex", "json_schema"))}, ("type",))
+_PARAMETERS = (
+    "struct",
+    "GenerateParameters",
+    {
+        **dict.fromkeys(("best_of", "truncate"), ("opt", "usize")),
+        **dict.fromkeys(
+            ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"), ("opt", "f32")
+        ),
+        **dict.fromkeys(("do_sample", "watermark", "details", "decoder_input_details"), "bool"),
+        **dict.fromkeys(("max_new_tokens", "top_n_tokens"), ("opt", "u32")),
+        "top_k": ("opt", "i32"),
+        "return_full_text": ("opt", "bool"),
+        "stop": ("vec", "str", ""),
+        "seed": ("opt", "u64"),
+        "grammar": ("opt", _GRAMMAR),
+        "adapter_id": ("opt", "str"),
+    },
+    (),
+)
+_GENERATE_FIELDS: dict[str, SpecT] = {"inputs": "str", "parameters": _PARAMETERS, "add_special_tokens": "bool"}
+GENERATE_REQUEST = ("struct", "GenerateRequest", _GENERATE_FIELDS, ("inputs",))
+COMPAT_REQUEST = ("struct", "CompatGenerateRequest", {**_GENERATE_FIELDS, "stream": "bool"}, ("inputs",))
+_OPENAI_FIELDS: dict[str, SpecT] = {
+    **dict.fromkeys(("model", "suffix"), ("opt", "str")),
+    **dict.fromkeys(("max_tokens", "max_completion_tokens", "top_logprobs", "n"), ("opt", "u32")),
+    **dict.fromkeys(
+        ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"), ("opt", "f32")
+    ),
+    "seed": ("opt", "u64"),
+    "stop": ("opt", ("vec", "str", "")),
+    "stream": "bool",
+    "logprobs": ("opt", "bool"),
+    "response_format": ("opt", _GRAMMAR),
+    "stream_options": ("opt", ("struct", "StreamOptions", {"include_usage": "bool"}, ())),
+}
+_CONTENT = (
+    "either",
+    "data did not match any variant of untagged enum MessageContent",
+    "str",
+    ("vec", ("struct", "MessageChunk", {"type": "str"}, ("type",)), ""),
+)
+_MESSAGE = ("struct", "Message", {"role": "str", "content": _CONTENT, "name": ("opt", "str")}, ("role",))
+CHAT_REQUEST = ("struct", "ChatRequest", {**_OPENAI_FIELDS, "messages": ("vec", _MESSAGE, "")}, ("messages",))
+_PROMPT = (
+    "either",
+    "data did not match any variant of untagged enum Prompt",
+    "str",
+    ("vec", "str", "Empty array detected. Do not use an empty array for the prompt."),
+)
+COMPLETION_REQUEST = ("struct", "CompletionRequest", {**_OPENAI_FIELDS, "prompt": _PROMPT}, ("prompt",))
+
+_PLAIN = (("content-type", "text/plain; charset=utf-8"),)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _locate(text: str, path: PathT) -> tuple[int, int]:
+    """Character span of the value at ``path`` inside the JSON document ``text``."""
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    for segment in path:
+        opener = text[pos]
+        pos = _skip_ws(text, pos + 1)
+        index = 0
+        while True:
+            if opener == "{":
+                key, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+                pos = _skip_ws(text, _skip_ws(text, pos) + 1)
+                found = key == segment
+            else:
+                found = index == segment
+            if found:
+                break
+            _, pos = decoder.raw_decode(text, pos)
+            pos = _skip_ws(text, _skip_ws(text, pos) + 1)
+            index += 1
+    _, end = decoder.raw_decode(text, pos)
+    return pos, end
+
+
+def _position(text: str, offset: int) -> str:
+    line = text.count("\n", 0, offset) + 1
+    line_start = text.rfind("\n", 0, offset) + 1
+    # serde_json counts columns in bytes.
+    return f"line {line} column {len(text[line_start:offset].encode('utf-8'))}"
+
+
+def _syntax_message(text: str, error: json.JSONDecodeError) -> str:
+    """Translate Python's JSON error into serde_json's words and position."""
+    pos, msg = error.pos, error.msg
+    stripped_end = len(text.rstrip(" \t\r\n"))
+    at_eof = pos >= stripped_end
+    prev = text[:pos].rstrip(" \t\r\n")[-1:]
+    depth: list[str] = []
+    in_string = escaped = False
+    for char in text[:pos]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth.append(char)
+        elif char in "]}" and depth:
+            depth.pop()
+    container = "an object" if depth and depth[-1] == "{" else "a list"
+    peek = pos + 1
+    if msg.startswith("Unterminated string"):
+        return f"EOF while parsing a string at {_position(text, len(text))}"
+    if msg.startswith("Invalid control character"):
+        return f"control character (\\u0000-\\u001F) found while parsing a string at {_position(text, peek)}"
+    if msg.startswith(("Invalid \\u", "Invalid \\escape")):
+        return f"invalid escape at {_position(text, peek)}"
+    if msg.startswith("Illegal trailing comma"):
+        return f"trailing comma at {_position(text, _skip_ws(text, pos + 1) + 1)}"
+    if msg == "Extra data":
+        return f"trailing characters at {_position(text, peek)}"
+    if at_eof:
+        what = "a value" if msg == "Expecting value" and (not depth or prev in ":,[") else container
+        return f"EOF while parsing {what} at {_position(text, len(text))}"
+    if prev == "," and text[pos] in "]}":
+        return f"trailing comma at {_position(text, peek)}"
+    if msg.startswith("Expecting ',' delimiter"):
+        closer = "}" if container == "an object" else "]"
+        return f"expected `,` or `{closer}` at {_position(text, peek)}"
+    if msg.startswith("Expecting ':'"):
+        return f"expected `:` at {_position(text, peek)}"
+    if msg.startswith("Expecting property name"):
+        return f"key must be a string at {_position(text, peek)}"
+    if text[pos] in "-0123456789":
+        return f"invalid number at {_position(text, peek)}"
+    return f"expected value at {_position(text, peek)}"
+
+
+def _path_text(path: PathT) -> str:
+    out = ""
+    for segment in path:
+        out += f"[{segment}]" if isinstance(segment, int) else (f".{segment}" if out else segment)
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def decode_body(headers: Mapping[str, str], body: bytes, spec: SpecT, payload_limit: int) -> Any | Reply:
+    """Do what axum's ``Json<T>`` extractor does, in its order.
+
+    :returns: the parsed JSON object, or the plain-text :class:`Reply` axum sends
+        (415 content type, 413 body size, 400 syntax, 422 wrong shape).
+    """
+    content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    main, _, sub = content_type.partition("/")
+    if main != "application" or not (sub == "json" or sub.endswith("+json")):
+        return Reply(415, _PLAIN, b"Expected request with `Content-Type: application/json`")
+    if len(body) > payload_limit:
+        return Reply(413, _PLAIN, b"Failed to buffer the request body: length limit exceeded")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"invalid unicode code point at {_position(body[: exc.start].decode('utf-8'), exc.start)}"
+        return Reply(400, _PLAIN, f"Failed to parse the request body as JSON: {message}".encode())
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        message = _syntax_message(text, exc)
+        return Reply(400, _PLAIN, f"Failed to parse the request body as JSON: {message}".encode())
+    except ValueError as exc:  # NaN / Infinity, which serde_json refuses
+        offset = text.find(str(exc))
+        message = f"expected value at {_position(text, offset + 1)}"
+        return Reply(400, _PLAIN, f"Failed to parse the request body as JSON: {message}".encode())
+    try:
+        _check(spec, value, ())
+    except _Problem as problem:
+        start, end = _locate(text, problem.path)
+        offset = start if problem.anchor == "start" else end
+        prefix = _path_text(problem.path)
+        # serde_path_to_error leaves out the path of errors at the root.
+        where = f"{prefix}: " if prefix else ""
+        message = f"{where}{problem.message} at {_position(text, offset)}"
+        return Reply(422, _PLAIN, f"Failed to deserialize the JSON body into the target type: {message}".encode())
+    return value
+
+
+# --- parameters and validation ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """``GenerateParameters`` after serde defaults."""
+
+    best_of: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    return_full_text: bool | None = None
+    stop: tuple[str, ...] = ()
+    truncate: int | None = None
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: int | None = None
+    top_n_tokens: int | None = None
+    grammar: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_request(cls, body: Mapping[str, Any], profile: Profile) -> Params:
+        """The parameters of a native request body (already shape-checked)."""
+        present = "parameters" in body
+        raw: Mapping[str, Any] = body.get("parameters") or {}
+        # An absent `parameters` key takes default_parameters(), which samples (≥ 1.4);
+        # an explicit null max_new_tokens is None, not the era's default.
+        return cls(
+            best_of=raw.get("best_of"),
+            temperature=raw.get("temperature"),
+            repetition_penalty=raw.get("repetition_penalty"),
+            frequency_penalty=raw.get("frequency_penalty"),
+            top_k=raw.get("top_k"),
+            top_p=raw.get("top_p"),
+            typical_p=raw.get("typical_p"),
+            do_sample=bool(raw.get("do_sample", not present and profile.ge(1, 4))),
+            max_new_tokens=raw.get("max_new_tokens", profile.default_max_new_tokens),
+            return_full_text=raw.get("return_full_text"),
+            stop=tuple(raw.get("stop") or ()),
+            truncate=raw.get("truncate"),
+            details=bool(raw.get("details", False)),
+            decoder_input_details=bool(raw.get("decoder_input_details", False)),
+            seed=raw.get("seed"),
+            top_n_tokens=raw.get("top_n_tokens"),
+            grammar=raw.get("grammar"),
+        )
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the shard samples (``NextTokenChooser``), which decides the reported seed."""
+        return (
+            self.do_sample
+            or (self.temperature is not None and self.temperature != 1.0)
+            or bool(self.top_k)
+            or (self.top_p is not None and self.top_p < 1.0)
+            or (self.typical_p is not None and self.typical_p < 1.0)
+        )
+
+
+def validate_best_of(limits: Limits, best_of: int) -> str | None:
+    """The extra best_of check of the non-stream path (``Infer::generate_best_of``)."""
+    if limits.max_best_of == 1 and best_of != 1:
+        return "`best_of` != 1 is not allowed for this endpoint"
+    if best_of > limits.max_best_of:
+        return f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}"
+    return None
+
+
+def planned_new_tokens(profile: Profile, limits: Limits, input_length: int, requested: int | None) -> int:
+    """How many tokens a request that passed validation really produces.
+
+    Since 3.0 a null ``max_new_tokens`` (and since 3.1.1 any value) is generated in
+    1024-token chunks, re-validated each time; a failed re-validation just stops.
+    """
+    total = requested if requested is not None else max(0, limits.max_total_tokens - input_length)
+    if not (profile.ge(3, 1, 1) or (requested is None and profile.ge(3, 0))):
+        return total
+    generated = 0
+    while generated < total:
+        chunk = min(total - generated, 1024)
+        grown = input_length + generated
+        if generated and (grown + chunk > limits.max_total_tokens or grown > limits.max_input_tokens):
+            break
+        generated += chunk
+    return generated
+
+
+def validate(profile: Profile, limits: Limits, params: Params, inputs: str) -> tuple[str | None, int]:
+    """TGI's ``Validation::validate``, in its order.
+
+    :returns: the error message (without the ``Input validation error: `` prefix) or
+        None, and the prompt length in tokens after truncation.
+    """
+    best_of = params.best_of if params.best_of is not None else 1
+    # The router's notion of "sampling" here is "any sampling field was sent".
+    sampling = params.do_sample or any(
+        v is not None for v in (params.temperature, params.top_k, params.top_p, params.typical_p)
+    )
+    input_length = count_tokens(inputs) if inputs else 0
+    if params.truncate:
+        input_length = min(input_length, params.truncate)
+
+    def fail(message: str) -> tuple[str | None, int]:
+        return message, input_length
+
+    if best_of > 1 and not sampling:
+        return fail("you must use sampling when `best_of` is > 1")
+    if params.temperature is not None and params.temperature <= 0:
+        return fail("`temperature` must be strictly positive")
+    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+        return fail("`repetition_penalty` must be strictly positive")
+    if params.frequency_penalty is not None and not -2.0 <= params.frequency_penalty <= 2.0:
+        return fail("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if params.top_p is not None and not 0.0 < params.top_p < 1.0:
+        return fail("`top_p` must be > 0.0 and < 1.0")
+    if params.typical_p is not None and not 0.0 < params.typical_p < 1.0:
+        return fail("`typical_p` must be > 0.0 and < 1.0")
+    if params.top_k is not None and params.top_k <= 0:
+        return fail("`top_k` must be strictly positive")
+    if params.max_new_tokens == 0:
+        return fail("`max_new_tokens` must be strictly positive")
+    if len(params.stop) > limits.max_stop_sequences:
+        return fail(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(params.stop)}")
+    if params.seed is not None and best_of > 1:
+        return fail("`seed` must not be set when `best_of` > 1")
+    if params.top_n_tokens is not None and params.top_n_tokens > limits.max_top_n_tokens:
+        return fail(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {params.top_n_tokens}")
+    if not inputs:
+        return fail("`inputs` cannot be empty")
+    if params.truncate is not None and (params.truncate == 0 or params.truncate > limits.max_input_tokens):
+        return fail(
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {params.truncate}"
+        )
+    requested = params.max_new_tokens
+    new_tokens = requested if requested is not None else max(0, limits.max_total_tokens - input_length)
+    if profile.ge(3, 1, 1) or (requested is None and profile.ge(3, 0)):
+        new_tokens = min(new_tokens, 1024)
+    if input_length + new_tokens > limits.max_total_tokens:
+        return fail(
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {new_tokens} `max_new_tokens`"
+        )
+    if input_length > limits.max_input_tokens:
+        return fail(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
+    grammar = params.grammar
+    if grammar is not None:
+        kind = grammar.get("type")
+        value = grammar.get("value")
+        if kind in ("json", "json_object", "json_schema"):
+            schema = value.get("schema") if kind == "json_schema" and isinstance(value, dict) else value
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    return fail(f"grammar is not valid: {exc}")
+            if not isinstance(schema, dict) or "properties" not in schema:
+                return fail("grammar is not valid: Grammar must have a 'properties' field")
+    return None, input_length
