@@ -160,6 +160,19 @@ class TgiHttpAdapter(WorkerAdapter):
             f"route={self.config.route!r}, pool_id={self.config.pool_id!r}, replica_id={self.config.replica_id!r})"
         )
 
+    @property
+    def labels(self) -> Dict[str, str]:
+        """The metric labels of this adapter (``engine``, ``engine_version``, ``pool_id``, ``replica_id``)."""
+        return dict(self._labels)
+
+    def set_placement(self, pool_id: Optional[str], replica_id: Optional[str]) -> None:
+        """Label this adapter's logs and metrics with where the orchestrator placed it.
+
+        ``AdapterHost.bind`` calls this; tasks already in flight keep their labels.
+        """
+        self._labels["pool_id"] = pool_id or ""
+        self._labels["replica_id"] = replica_id or ""
+
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
@@ -490,8 +503,8 @@ class TgiHttpAdapter(WorkerAdapter):
             session_id=stats.get("session_id"),
             engine="tgi",
             engine_version=labels["engine_version"],
-            pool_id=self.config.pool_id,
-            replica_id=self.config.replica_id,
+            pool_id=labels["pool_id"] or None,
+            replica_id=labels["replica_id"] or None,
             tokens_in=stats.get("tokens_in"),
             tokens_out=stats.get("tokens_out"),
             decode_time_ms=stats.get("decode_ms"),
