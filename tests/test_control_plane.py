@@ -11,7 +11,7 @@ import responses
 
 from tgi_adapter import AdapterConfig, ErrorKind, TaskRequest, TgiHttpAdapter, WorkerError, WorkerHealth
 
-from .fixtures import INFO_2_0, INFO_2_2, INFO_3, METRICS_TEXT, native_frames
+from fixtures import INFO_2_0, INFO_2_2, INFO_3, METRICS_TEXT, native_frames
 
 URL = "http://tgi.test"
 MakeTask = Callable[..., TaskRequest]

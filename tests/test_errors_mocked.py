@@ -13,7 +13,7 @@ from responses.registries import OrderedRegistry
 
 from tgi_adapter import AdapterConfig, ErrorKind, RetryPolicy, TaskRequest, TgiHttpAdapter, WorkerError
 
-from .fixtures import INFO_3, error_frame, native_frames
+from fixtures import INFO_3, error_frame, native_frames
 
 URL = "http://tgi.test"
 STREAM = f"{URL}/generate_stream"

@@ -10,7 +10,7 @@ import pytest
 from tgi_adapter import ErrorKind, TaskRequest, WorkerAdapter, WorkerError, WorkerHealth
 from tgi_adapter.testing import MockAdapter, MockFault
 
-from .test_streaming import check_invariants
+from test_streaming import check_invariants
 
 MakeTask = Callable[..., TaskRequest]
 

@@ -9,6 +9,7 @@ import tgi_adapter
 
 PUBLIC = [
     "AdapterConfig",
+    "AdapterHost",
     "AdmissionRejectError",
     "DeadlineUnmetError",
     "DecodeTimeoutError",

@@ -10,8 +10,8 @@ import pytest
 from tgi_adapter import AdapterConfig, RetryPolicy, TaskRequest, TgiHttpAdapter, Timeouts, TokenEvent
 from tgi_adapter.testing import FakeTgiServer, Fault
 
-from .test_faults import ROWS, Row, run_row
-from .test_streaming import check_invariants, text_of
+from test_faults import ROWS, Row, run_row
+from test_streaming import check_invariants, text_of
 
 MakeTask = Callable[..., TaskRequest]
 ROUTES = ["native", "openai-completions", "openai-chat"]

@@ -30,6 +30,7 @@ from .errors import (
     WorkerError,
     WorkerResetError,
 )
+from .host import AdapterHost
 from .metrics import MetricsRegistry
 from .retry import RetryPolicy, Timeouts
 from .stream import TokenStream
@@ -63,6 +64,7 @@ __all__ = [
     "UntrustedArtifactError",
     "WorkerAdapter",
     "MetricsRegistry",
+    "AdapterHost",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,702 @@
+"""``AdapterHost``: many engine replicas behind one facade with the adapter's contract.
+
+The host is an in-process registry of ``(pool_id, replica_id) → adapter``
+and a router. ``submit(pool_id, task)`` returns a :class:`HostStream` at once;
+the replica is chosen when the consumer takes the first event, and a replica
+that fails retriably before ``started`` is skipped for another one. After
+``started`` the replica's events pass through untouched. The pure parts (the
+breaker, the choice) live in :mod:`tgi_adapter.breaker`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+
+from .breaker import BreakerState, CircuitBreaker, Outcome, check_breaker_settings, choose_replica
+from .contract import TaskLike, TaskRequest, TokenEvent, WorkerAdapter, WorkerHealth, WorkerProps, as_task
+from .errors import (
+    DeadlineUnmetError,
+    InternalError,
+    InvalidParamsError,
+    PoolUnavailableError,
+    PoolUnreadyError,
+    ReplicaExhaustedError,
+    WorkerError,
+)
+from .stream import StreamChannel, TokenStream
+
+__all__ = ["AdapterHost", "HostStream", "ReplicaStatus", "UnknownReplicaError"]
+
+log = logging.getLogger(__name__)
+
+_TERMINAL = frozenset({"end", "error"})
+
+
+class UnknownReplicaError(KeyError):
+    """``rebind``/``unbind`` named a ``(pool_id, replica_id)`` that is not bound."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown replica"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaStatus:
+    """What the host knows about one replica, from its cache (no engine call).
+
+    ``live``/``ready``/``slots_free`` are ``None`` before the first health
+    check; ``slots_free`` is the engine's figure corrected by the tasks the
+    host routed there (and saw finish) since that check.
+    """
+
+    pool_id: str
+    replica_id: str
+    breaker: BreakerState
+    failures: int
+    in_flight: int
+    live: Optional[bool]
+    ready: Optional[bool]
+    slots_free: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    at: float
+    live: bool
+    ready: bool
+    slots_free: Optional[int]
+    routed_base: int
+    done_base: int
+
+
+class _Replica:
+    """One binding; replaced (not mutated) by ``rebind``. Counters are guarded by the host's lock."""
+
+    def __init__(self, pool_id: str, replica_id: str, adapter: WorkerAdapter, position: int,
+                 breaker: CircuitBreaker) -> None:
+        self.pool_id = pool_id
+        self.replica_id = replica_id
+        self.adapter = adapter
+        self.position = position
+        self.breaker = breaker
+        self.refresh_lock = threading.Lock()
+        self.snapshot: Optional[_Snapshot] = None
+        self.routed = 0  # attempts routed here, ever
+        self.done = 0  # attempts that ended, ever
+        self.in_flight = 0
+        self.retired = False  # unbound or replaced: drains, then its adapter is closed
+        self.closed = False
+
+    def free_now(self) -> Optional[int]:
+        snap = self.snapshot
+        if snap is None:
+            return None
+        base = snap.slots_free if snap.slots_free is not None else 0
+        return base - (self.routed - snap.routed_base) + (self.done - snap.done_base)
+
+
+@dataclasses.dataclass
+class _Lease:
+    """One attempt's claim on a replica: counted in its in-flight tasks until released."""
+
+    replica: _Replica
+    trial: bool
+    judged: bool = False
+    released: bool = False
+
+
+class _Attempt:
+    """The current attempt of a stream; also what its finalizer releases."""
+
+    __slots__ = ("lock", "lease", "inner", "unhook", "done")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lease: Optional[_Lease] = None
+        self.inner: Optional[TokenStream] = None
+        self.unhook: Callable[[], None] = _nothing
+        self.done = False
+
+
+def _nothing() -> None:
+    return None
+
+
+class HostStream(TokenStream):
+    """A :class:`~tgi_adapter.TokenStream` whose events come from the replica the host chose.
+
+    The first ``next()`` routes the task (and fails over before ``started``);
+    then every event of the replica's stream is passed through untouched.
+    ``pool_id``, ``correlation_id`` and, once routed, ``replica_id`` say where
+    it runs; ``tried`` lists the replicas attempted, in order.
+    """
+
+    def __init__(self, host: AdapterHost, pool_id: str, task: TaskRequest, correlation_id: str,
+                 deadline: float, clock: Callable[[], float]) -> None:
+        started = {
+            "engine": "tgi",
+            "engine_version": None,
+            "model_id": None,
+            "model_sha": None,
+            "task_id": task.task_id,
+            "seed": task.seed,
+            "determinism": task.determinism,
+            "sampler_profile_version": task.sampler_profile_version,
+            "correlation_id": correlation_id,
+        }
+        super().__init__(task.task_id, StreamChannel(task.task_id), started_data=started, deadline=deadline,
+                         on_done=host._stream_done, clock=clock)
+        self.pool_id = pool_id
+        self.correlation_id = correlation_id
+        self.replica_id: Optional[str] = None
+        self.tried: List[str] = []
+        self._host = host
+        self._task = task
+        self._attempt = _Attempt()
+        weakref.finalize(self, host._abandon, self._channel, self._attempt).atexit = False
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else "cancelled" if self.cancelled else "open"
+        return f"<HostStream task_id={self.task_id!r} pool={self.pool_id!r} replica={self.replica_id!r} {state}>"
+
+    def __next__(self) -> TokenEvent:
+        if self._finished:
+            raise StopIteration
+        if not self._started_given:
+            return self._first()
+        inner = self._attempt.inner
+        if inner is None:  # cancelled before any replica was chosen
+            return self._cancelled_tail()
+        try:
+            event = next(inner)
+        except StopIteration:  # the replica's stream was closed under us (its adapter was closed)
+            return self._cancelled_tail()
+        if event.kind in _TERMINAL:
+            self._finish()
+        return event
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the current replica stream's reader to end; True if it has."""
+        inner = self._attempt.inner
+        return True if inner is None else inner.join(timeout)
+
+    def _log(self, message: str, *args: Any, replica: Optional[_Replica] = None) -> None:
+        extra = {"correlation_id": self.correlation_id, "task_id": self.task_id, "pool_id": self.pool_id,
+                 "replica_id": replica.replica_id if replica is not None else self.replica_id}
+        log.debug("task %s (correlation id %s): " + message, self.task_id, self.correlation_id, *args, extra=extra)
+
+    def _first(self) -> TokenEvent:
+        """Route, submit, and take the first event; fail over while it is a retriable error."""
+        host = self._host
+        errors: List[Tuple[str, WorkerError, TokenEvent]] = []
+        tried: Set[_Replica] = set()
+        while True:
+            if self._channel.cancelled:
+                return self._cancelled_tail()
+            now = self._clock()
+            if now >= self._deadline:
+                last = f"; last: {errors[-1][1].code.value} from replica {errors[-1][0]}" if errors else ""
+                return self._fail(DeadlineUnmetError(f"the task's deadline passed before a replica started it{last}"))
+            routed = host._route(self, tried)
+            if isinstance(routed, WorkerError):
+                if len(errors) == 1:  # one replica tried: its own error, untouched
+                    return self._fail(errors[0][1], errors[0][2])
+                return self._fail(_give_up(self.pool_id, errors, routed))
+            lease = routed
+            replica = lease.replica
+            tried.add(replica)
+            self.tried.append(replica.replica_id)
+            task = self._task
+            if errors:  # a later attempt gets what is left of the deadline
+                task = dataclasses.replace(task, deadline_ms=max(1, int((self._deadline - now) * 1000)))
+            self._log("routed to replica %s (attempt %d)", replica.replica_id, len(tried), replica=replica)
+            try:
+                inner = replica.adapter.submit(task, self.correlation_id)
+            except WorkerError as error:
+                host._settle(self, lease, Outcome.FAILURE if error.retriable else Outcome.NEUTRAL)
+                host._release(lease)
+                if not error.retriable:
+                    return self._fail(error)
+                errors.append((replica.replica_id, error, error.to_event()))
+                self._log("replica %s refused it: %s; failing over", replica.replica_id, error, replica=replica)
+                continue
+            except Exception as exc:  # an adapter must not break the host's contract
+                log.debug("adapter submit failed", exc_info=True)
+                host._settle(self, lease, Outcome.NEUTRAL)
+                host._release(lease)
+                return self._fail(InternalError(f"replica {replica.replica_id}: submit raised {type(exc).__name__}"))
+            if not self._attach(lease, inner):
+                return self._cancelled_tail()
+            try:
+                event: Optional[TokenEvent] = next(inner)
+            except StopIteration:
+                event = None
+            if event is not None and event.kind != "error":
+                host._settle(self, lease, Outcome.NEUTRAL if self._channel.cancelled else Outcome.SUCCESS)
+                self.replica_id = replica.replica_id
+                self._started_given = True
+                if event.kind in _TERMINAL:  # pragma: no cover - a stream always starts with started
+                    self._finish()
+                return event
+            retriable = event is not None and bool(event.data.get("retriable"))
+            host._settle(self, lease, Outcome.FAILURE if retriable else Outcome.NEUTRAL)
+            self._detach(lease)
+            if event is None or self._channel.cancelled:
+                return self._cancelled_tail()
+            if not retriable:
+                self.replica_id = replica.replica_id
+                self._finish()
+                return event
+            failed = WorkerError.from_event_data(event.data)
+            errors.append((replica.replica_id, failed, event))
+            self._log("replica %s failed before started: %s; failing over", replica.replica_id,
+                      failed.code.value, replica=replica)
+
+    def _fail(self, error: WorkerError, event: Optional[TokenEvent] = None) -> TokenEvent:
+        if self._channel.cancelled:
+            return self._cancelled_tail()
+        self._log("ends with %s: %s", error.code.value, error.message)
+        self._finish()
+        return event if event is not None else error.to_event()
+
+    def _attach(self, lease: _Lease, inner: TokenStream) -> bool:
+        attempt = self._attempt
+        with attempt.lock:
+            attached = not attempt.done
+            if attached:
+                attempt.lease, attempt.inner = lease, inner
+        if attached:
+            attempt.unhook = self._channel.on_cancel(inner.cancel)  # runs at once if already cancelled
+            return True
+        inner.close()  # the stream was closed while routing
+        self._host._settle(self, lease, Outcome.NEUTRAL)
+        self._host._release(lease)
+        return False
+
+    def _detach(self, lease: _Lease) -> None:
+        attempt = self._attempt
+        with attempt.lock:
+            if attempt.lease is not lease:
+                return
+            attempt.lease, attempt.inner = None, None
+            unhook, attempt.unhook = attempt.unhook, _nothing
+        unhook()
+        self._host._release(lease)
+
+
+def _give_up(pool_id: str, errors: List[Tuple[str, WorkerError, TokenEvent]], no_route: WorkerError) -> WorkerError:
+    """The error that ends a task no replica started (``no_route`` says why none was left)."""
+    if not errors:
+        return no_route
+    tried = "; ".join(f"{replica}: {error.code.value}" for replica, error, _event in errors)
+    hints = [e.retry_after_ms for _r, e, _event in errors if e.retry_after_ms is not None]
+    return ReplicaExhaustedError(
+        f"every replica of pool {pool_id!r} that could take the task failed before starting it ({tried})",
+        retry_after_ms=min(hints) if hints else None,
+    )
+
+
+def _check_id(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+class AdapterHost:
+    """Several engine replicas per pool behind the adapter's contract.
+
+    :param failure_threshold: consecutive failures (retriable errors before
+        ``started``, or ``submit`` raising a retriable error) that open a
+        replica's breaker.
+    :param cooldown_s: how long an open breaker keeps the replica out; then
+        one trial task decides (success closes, failure re-opens).
+    :param props_ttl_s: how long a replica's ``health()``/``props()`` answer
+        is reused for routing.
+    :param clock: monotonic clock for the breaker, the cache and deadlines.
+
+    The host owns the adapters bound to it: it closes them on ``unbind``,
+    ``rebind`` (once their streams have finished) and ``close()``.
+    """
+
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 30.0, props_ttl_s: float = 1.0, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        check_breaker_settings(failure_threshold, cooldown_s)
+        if isinstance(props_ttl_s, bool) or not isinstance(props_ttl_s, (int, float)) or not props_ttl_s >= 0:
+            raise ValueError(f"props_ttl_s must be a number of seconds >= 0, got {props_ttl_s!r}")
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = float(cooldown_s)
+        self.props_ttl_s = float(props_ttl_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pools: Dict[str, Dict[str, _Replica]] = {}
+        self._tasks: Dict[str, weakref.WeakValueDictionary[str, HostStream]] = {}
+        self._last_pick: Dict[str, int] = {}
+        self._draining: List[_Replica] = []
+        self._positions = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        with self._lock:
+            pools = {pool: list(replicas) for pool, replicas in self._pools.items()}
+        return f"AdapterHost({pools!r})"
+
+    # -- registry ------------------------------------------------------------------
+
+    def bind(self, pool_id: str, replica_id: str, adapter: WorkerAdapter) -> None:
+        """Add a replica to a pool (creating the pool); ``ValueError`` if already bound (use :meth:`rebind`)."""
+        with self._lock:
+            self._check_bindable(pool_id, replica_id, adapter)
+            pool = self._pools.setdefault(pool_id, {})
+            if replica_id in pool:
+                raise ValueError(f"replica {replica_id!r} is already bound in pool {pool_id!r}; use rebind()")
+            self._positions += 1
+            pool[replica_id] = self._new_replica(pool_id, replica_id, adapter, self._positions)
+        log.debug("pool %s: bound replica %s", pool_id, replica_id)
+
+    def rebind(self, pool_id: str, replica_id: str, adapter: WorkerAdapter) -> None:
+        """Swap a replica's adapter atomically; streams on the old one finish, then it is closed."""
+        with self._lock:
+            self._check_bindable(pool_id, replica_id, adapter)
+            old = self._bound(pool_id, replica_id)
+            self._pools[pool_id][replica_id] = self._new_replica(pool_id, replica_id, adapter, old.position)
+            close_now = self._retire(old)
+        log.debug("pool %s: rebound replica %s (%d stream(s) draining)", pool_id, replica_id, old.in_flight)
+        if close_now:
+            _close_adapter(old)
+
+    def unbind(self, pool_id: str, replica_id: str) -> None:
+        """Remove a replica; its streams finish, then its adapter is closed."""
+        with self._lock:
+            old = self._bound(pool_id, replica_id)
+            pool = self._pools[pool_id]
+            del pool[replica_id]
+            if not pool:
+                del self._pools[pool_id]
+            close_now = self._retire(old)
+        log.debug("pool %s: unbound replica %s (%d stream(s) draining)", pool_id, replica_id, old.in_flight)
+        if close_now:
+            _close_adapter(old)
+
+    def _check_bindable(self, pool_id: str, replica_id: str, adapter: WorkerAdapter) -> None:
+        _check_id("pool_id", pool_id)
+        _check_id("replica_id", replica_id)
+        if not isinstance(adapter, WorkerAdapter):
+            raise ValueError(f"adapter must be a WorkerAdapter, got {type(adapter).__name__}")
+        if self._closed:
+            raise ValueError("the host is closed")
+        for replica in self._all_replicas():
+            if replica.adapter is adapter and not replica.closed:
+                raise ValueError(f"this adapter is already bound as {replica.pool_id}/{replica.replica_id}")
+
+    def _new_replica(self, pool_id: str, replica_id: str, adapter: WorkerAdapter, position: int) -> _Replica:
+        set_placement = getattr(adapter, "set_placement", None)
+        if callable(set_placement):
+            set_placement(pool_id, replica_id)
+        return _Replica(pool_id, replica_id, adapter, position, CircuitBreaker(self.failure_threshold, self.cooldown_s))
+
+    def _bound(self, pool_id: str, replica_id: str) -> _Replica:
+        replica = self._pools.get(pool_id, {}).get(replica_id)
+        if replica is None:
+            raise UnknownReplicaError(f"no replica {replica_id!r} is bound in pool {pool_id!r}")
+        return replica
+
+    def _retire(self, replica: _Replica) -> bool:
+        """Mark ``replica`` as leaving (under the lock); True if its adapter can be closed now."""
+        replica.retired = True
+        if replica.in_flight == 0:
+            replica.closed = True
+            return True
+        self._draining.append(replica)
+        return False
+
+    def _all_replicas(self) -> List[_Replica]:
+        return [r for pool in self._pools.values() for r in pool.values()] + self._draining
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def submit(self, pool_id: str, task: TaskLike, correlation_id: Optional[str] = None) -> HostStream:
+        """Start ``task`` on a replica of ``pool_id``; returns its stream at once.
+
+        Raises ``InvalidParamsError`` for a bad task, a bad ``correlation_id`` or
+        a ``task_id`` already in flight in the pool, and ``PoolUnavailableError``
+        for a pool with no replica bound (or a closed host). Routing happens
+        when the first event is taken; see the class documentation.
+        """
+        task = as_task(task)
+        if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
+            raise InvalidParamsError("invalid 'correlation_id': expected a non-empty string")
+        cid = correlation_id or str(uuid.uuid4())
+        deadline = self._clock() + task.deadline_ms / 1000.0
+        with self._lock:
+            if self._closed:
+                raise PoolUnavailableError("the host is closed", retriable=False, advice="make a new AdapterHost")
+            if not self._pools.get(pool_id):
+                raise PoolUnavailableError(f"no replica is bound to pool {pool_id!r}", retriable=False,
+                                           advice="bind a replica to the pool first")
+            tasks = self._tasks.setdefault(pool_id, weakref.WeakValueDictionary())
+            if task.task_id in tasks:
+                raise InvalidParamsError(
+                    f"invalid task field 'task_id': {task.task_id!r} is already in flight in pool {pool_id!r}",
+                    advice="use a new task_id per task",
+                )
+            stream = HostStream(self, pool_id, task, cid, deadline, self._clock)
+            tasks[task.task_id] = stream
+        stream._log("submitted to pool %s", pool_id)
+        return stream
+
+    def cancel(self, pool_id: str, task_id: str) -> None:
+        """Cancel a task on whichever replica holds it; idempotent, unknown ids are fine."""
+        with self._lock:
+            tasks = self._tasks.get(pool_id)
+            stream = tasks.get(task_id) if tasks is not None else None
+        if stream is not None:
+            stream._log("cancel")
+            stream.cancel()
+
+    def _route(self, stream: HostStream, tried: Set[_Replica]) -> Union[_Lease, WorkerError]:
+        """Claim the best replica not yet tried, or the error saying why there is none."""
+        pool_id = stream.pool_id
+        with self._lock:
+            replicas = [r for r in self._pools.get(pool_id, {}).values() if r not in tried]
+        for replica in replicas:
+            self._refresh(replica)
+        now = self._clock()
+        with self._lock:
+            candidates: List[_Replica] = []
+            reasons: List[str] = []
+            any_live = False
+            waits: List[float] = []
+            for replica in self._pools.get(pool_id, {}).values():
+                snap = replica.snapshot
+                if replica in tried:
+                    continue
+                if snap is None or not snap.live:
+                    reasons.append(f"{replica.replica_id}: {'not checked yet' if snap is None else 'not live'}")
+                    continue
+                any_live = True
+                if not snap.ready:
+                    reasons.append(f"{replica.replica_id}: not ready")
+                elif not replica.breaker.admits(now):
+                    wait = replica.breaker.retry_in(now)
+                    if wait is None:
+                        reasons.append(f"{replica.replica_id}: breaker half-open, trial in flight")
+                    else:
+                        waits.append(wait)
+                        reasons.append(f"{replica.replica_id}: breaker open for {wait:.1f} s more")
+                else:
+                    candidates.append(replica)
+            if candidates:
+                index = choose_replica([(r.position, r.free_now() or 0) for r in candidates],
+                                       self._last_pick.get(pool_id))
+                replica = candidates[index]
+                trial = replica.breaker.acquire(now)
+                assert trial is not None
+                replica.routed += 1
+                replica.in_flight += 1
+                self._last_pick[pool_id] = replica.position
+                return _Lease(replica, trial)
+        why = "; ".join(reasons) or "no replica is bound"
+        if not any_live:
+            return PoolUnavailableError(f"no replica of pool {pool_id!r} is live ({why})", retriable=True)
+        retry_ms = int(min(waits) * 1000) if waits else None
+        return PoolUnreadyError(f"no replica of pool {pool_id!r} is ready ({why})", retry_after_ms=retry_ms)
+
+    def _refresh(self, replica: _Replica) -> None:
+        """Re-read health and props when stale; one caller at a time, the others use the old answer."""
+        snap = replica.snapshot
+        if snap is not None and self._clock() - snap.at < self.props_ttl_s:
+            return
+        if not replica.refresh_lock.acquire(blocking=snap is None):
+            return
+        try:
+            snap = replica.snapshot
+            if snap is not None and self._clock() - snap.at < self.props_ttl_s:
+                return
+            with self._lock:
+                routed, done = replica.routed, replica.done
+            health = _health_of(replica.adapter)
+            free: Optional[int] = None
+            if health.ready:
+                try:
+                    free = replica.adapter.props().slots_free
+                except Exception as exc:  # slots unknown; readiness still counts
+                    log.debug("pool %s: props of replica %s failed: %s", replica.pool_id, replica.replica_id, exc)
+            replica.snapshot = _Snapshot(self._clock(), health.live, health.ready, free, routed, done)
+        finally:
+            replica.refresh_lock.release()
+
+    def _settle(self, stream: HostStream, lease: _Lease, outcome: Outcome) -> None:
+        """Tell the replica's breaker how the attempt went (once per attempt)."""
+        replica = lease.replica
+        with self._lock:
+            if lease.judged:
+                return
+            lease.judged = True
+            change = replica.breaker.record(outcome, self._clock(), lease.trial)
+        if change is not None:
+            stream._log("replica %s breaker %s -> %s", replica.replica_id, change[0].value, change[1].value,
+                        replica=replica)
+
+    def _release(self, lease: _Lease) -> None:
+        """An attempt ended: free its claim, and close a retired adapter that has drained."""
+        replica = lease.replica
+        with self._lock:
+            if lease.released:
+                return
+            lease.released = True
+            replica.in_flight -= 1
+            replica.done += 1
+            close_now = replica.retired and replica.in_flight == 0 and not replica.closed
+            if close_now:
+                replica.closed = True
+                self._draining.remove(replica)
+        if close_now:
+            _close_adapter(replica)
+
+    def _stream_done(self, token_stream: TokenStream) -> None:
+        """``on_done`` of every :class:`HostStream`: the consumer took its terminal event or closed it."""
+        assert isinstance(token_stream, HostStream)
+        with self._lock:
+            tasks = self._tasks.get(token_stream.pool_id)
+            if tasks is not None and tasks.get(token_stream.task_id) is token_stream:
+                del tasks[token_stream.task_id]
+        self._abandon(token_stream._channel, token_stream._attempt)
+
+    def _abandon(self, channel: StreamChannel, attempt: _Attempt) -> None:
+        """Finish with an attempt for good (also the finalizer of a stream dropped unfinished)."""
+        with attempt.lock:
+            attempt.done = True
+            lease, inner = attempt.lease, attempt.inner
+            attempt.lease = None
+        if inner is not None and not inner.finished:
+            channel.cancel()
+            inner.close()
+        if lease is not None:
+            with self._lock:
+                if not lease.judged:
+                    lease.judged = True
+                    lease.replica.breaker.record(Outcome.NEUTRAL, self._clock(), lease.trial)
+            self._release(lease)
+
+    # -- pool-wide views -----------------------------------------------------------
+
+    def health(self, pool_id: str) -> WorkerHealth:
+        """Live if any replica is; ready if any replica is ready and its breaker admits tasks. Never raises."""
+        with self._lock:
+            replicas = list(self._pools.get(pool_id, {}).values())
+        live = ready = False
+        now = self._clock()
+        for replica in replicas:
+            health = _health_of(replica.adapter)
+            live = live or health.live
+            with self._lock:
+                admits = replica.breaker.admits(now)
+            ready = ready or (health.ready and admits)
+        return WorkerHealth(live=live, ready=ready)
+
+    def props(self, pool_id: str) -> WorkerProps:
+        """The replicas' props summed (slots, in-flight); the smallest token limits; ``PoolUnavailableError``
+        if no replica answers."""
+        with self._lock:
+            replicas = list(self._pools.get(pool_id, {}).values())
+        answers: List[WorkerProps] = []
+        last: Optional[WorkerError] = None
+        for replica in replicas:
+            try:
+                answers.append(replica.adapter.props())
+            except WorkerError as error:
+                last = error
+        if not answers:
+            detail = f": {last.message}" if last is not None else ": no replica is bound"
+            raise PoolUnavailableError(f"no replica of pool {pool_id!r} answered props(){detail}")
+        return WorkerProps(
+            slots_total=_sum(p.slots_total for p in answers),
+            slots_free=_sum(p.slots_free for p in answers),
+            max_total_tokens=_min(p.max_total_tokens for p in answers),
+            max_input_tokens=_min(p.max_input_tokens for p in answers),
+            in_flight=sum(p.in_flight for p in answers),
+            slots_source=_same(p.slots_source for p in answers) or "mixed",
+            engine_version=_same(p.engine_version for p in answers),
+            model_id=_same(p.model_id for p in answers),
+        )
+
+    def replicas(self, pool_id: str) -> Tuple[ReplicaStatus, ...]:
+        """The host's cached view of each replica of ``pool_id``, in bind order (no engine call)."""
+        now = self._clock()
+        with self._lock:
+            return tuple(
+                ReplicaStatus(
+                    pool_id=r.pool_id,
+                    replica_id=r.replica_id,
+                    breaker=r.breaker.state(now),
+                    failures=r.breaker.failures,
+                    in_flight=r.in_flight,
+                    live=r.snapshot.live if r.snapshot else None,
+                    ready=r.snapshot.ready if r.snapshot else None,
+                    slots_free=r.free_now(),
+                )
+                for r in sorted(self._pools.get(pool_id, {}).values(), key=lambda r: r.position)
+            )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancel every stream in flight and close every adapter (bound or draining)."""
+        with self._lock:
+            self._closed = True
+            streams = [s for tasks in self._tasks.values() for s in list(tasks.values())]
+            replicas = [r for r in self._all_replicas() if not r.closed]
+            for replica in replicas:
+                replica.closed = True
+            self._pools.clear()
+            self._draining.clear()
+        for stream in streams:
+            stream.cancel()
+        for replica in replicas:
+            _close_adapter(replica)
+
+    def __enter__(self) -> AdapterHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _health_of(adapter: WorkerAdapter) -> WorkerHealth:
+    try:
+        return adapter.health()
+    except Exception:  # health() must not raise; treat one that does as down
+        log.debug("health() raised", exc_info=True)
+        return WorkerHealth(live=False, ready=False)
+
+
+def _close_adapter(replica: _Replica) -> None:
+    close = getattr(replica.adapter, "close", None)
+    if not callable(close):
+        return
+    try:
+        close()
+    except Exception:
+        log.debug("pool %s: closing replica %s failed", replica.pool_id, replica.replica_id, exc_info=True)
+    log.debug("pool %s: closed the adapter of replica %s", replica.pool_id, replica.replica_id)
+
+
+def _sum(values: Iterable[Any]) -> Optional[int]:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _min(values: Iterable[Any]) -> Optional[int]:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def _same(values: Iterable[Any]) -> Optional[Any]:
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
