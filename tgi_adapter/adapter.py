@@ -36,7 +36,15 @@ from .reader import Attempts, Request, StreamReader, read_error_body
 from .redact import fingerprint, redact_text
 from .retry import RetryPolicy, retry_after_ms_from_headers
 from .stream import StreamChannel, TokenStream
-from .transport import BodyReader, is_timeout, make_session, shutdown_socket, socket_hook, translate_exception
+from .transport import (
+    BodyReader,
+    SendPlan,
+    is_timeout,
+    make_session,
+    shutdown_socket,
+    socket_hook,
+    translate_exception,
+)
 
 __all__ = ["TgiHttpAdapter"]
 
@@ -115,6 +123,7 @@ class TgiHttpAdapter(WorkerAdapter):
         }
         if token is not None:
             self._headers["Authorization"] = f"Bearer {token}"
+        self._plan = SendPlan(self._session, self._headers, self.config.verify, self.config.cert)
         self.metrics = metrics if metrics is not None else MetricsRegistry()
         self._labels = {
             "engine": "tgi",
@@ -369,18 +378,9 @@ class TgiHttpAdapter(WorkerAdapter):
         route = self.config.route
         path, body = build_request(task, route=route, stream=stream, info=info, model=self.config.model)
         cid = correlation_id or str(uuid.uuid4())
-        headers = dict(self._headers)
-        headers["X-Correlation-Id"] = cid
-        request = Request(
-            self._session,
-            "POST",
-            self._url(path),
-            json.dumps(body).encode("utf-8"),
-            headers,
-            verify=self.config.verify,
-            cert=self.config.cert,
-            secrets=self._secrets,
-        )
+        payload = json.dumps(body).encode("utf-8")
+        prepared, settings = self._plan.post(self._url(path), payload, {"X-Correlation-Id": cid})
+        request = Request(self._session, prepared, settings, self._secrets)
         started = {
             "engine": "tgi",
             "engine_version": info.engine_version if info is not None else None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import requests
 
@@ -45,46 +45,34 @@ _DRAIN_S = 0.5
 
 
 class Request:
-    """One HTTP request as the reader sends it (possibly several times)."""
+    """One prepared HTTP request as the reader sends it (possibly several times).
 
-    __slots__ = ("session", "method", "url", "body", "headers", "verify", "cert", "secrets")
+    ``settings`` are the keyword arguments ``Session.request`` would give
+    ``Session.send`` (proxies, ``verify``, ``cert``, ``stream``); see
+    :class:`~tgi_adapter.transport.SendPlan`.
+    """
+
+    __slots__ = ("session", "prepared", "settings", "secrets")
 
     def __init__(
         self,
         session: requests.Session,
-        method: str,
-        url: str,
-        body: Optional[bytes],
-        headers: Mapping[str, str],
-        *,
-        verify: Any,
-        cert: Any,
+        prepared: requests.PreparedRequest,
+        settings: Mapping[str, Any],
         secrets: Sequence[Optional[str]],
     ) -> None:
         self.session = session
-        self.method = method
-        self.url = url
-        self.body = body
-        self.headers = headers
-        self.verify = verify
-        self.cert = cert
+        self.prepared = prepared
+        self.settings = settings
         self.secrets = secrets
 
     def send(self, connect_timeout: float, read_timeout: float) -> requests.Response:
         """Send and wait for the response headers (body not read)."""
-        kwargs: Dict[str, Any] = {}
-        if self.cert is not None:
-            kwargs["cert"] = self.cert
-        return self.session.request(
-            self.method,
-            self.url,
-            data=self.body,
-            headers=self.headers,
-            stream=True,
+        return self.session.send(
+            self.prepared,
             timeout=(max(connect_timeout, 0.001), max(read_timeout, 0.001)),
-            verify=self.verify,
             allow_redirects=False,
-            **kwargs,
+            **self.settings,
         )
 
 
@@ -342,6 +330,11 @@ class StreamReader:
         if error is not None and error.code.value == "WORKER_RESET":
             body.abort()
         else:
+            if len(events) > 1 and mapper.started_sent:
+                # The consumer gets the tokens now; the terminal event waits until the
+                # connection is back in the pool, so a task submitted right after it reuses it.
+                self.channel.put(events[:-1])
+                events = events[-1:]
             self._drain(body)
         if error is not None:
             if not mapper.started_sent:

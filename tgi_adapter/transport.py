@@ -132,6 +132,45 @@ def make_session(pool_maxsize: int) -> requests.Session:
     return session
 
 
+class SendPlan:
+    """How ``Session.request`` would send a POST to a URL, worked out once per URL.
+
+    ``Session.request`` merges the session's headers, cookies and auth
+    (reading ``~/.netrc``) and looks up the proxy and CA-bundle environment on
+    every call, on the path to the first token. The plan does that
+    once per URL and then only copies the prepared template, adds the body
+    and the task's headers. The environment is therefore read at an adapter's
+    first request to each URL, not at every request.
+    """
+
+    __slots__ = ("session", "headers", "verify", "cert", "_plans")
+
+    def __init__(self, session: requests.Session, headers: Mapping[str, str], verify: Any, cert: Any) -> None:
+        self.session = session
+        self.headers = dict(headers)
+        self.verify = verify
+        self.cert = cert
+        self._plans: Dict[str, Tuple[requests.PreparedRequest, Dict[str, Any]]] = {}
+
+    def post(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> Tuple[requests.PreparedRequest, Dict[str, Any]]:
+        """A prepared POST of ``body`` with ``headers`` added, and the keyword arguments for ``Session.send``."""
+        plan = self._plans.get(url)
+        if plan is None:  # a race makes two equal plans; either will do
+            session = self.session
+            template = session.prepare_request(requests.Request("POST", url, data=b"", headers=self.headers))
+            merged = session.merge_environment_settings(url, {}, True, self.verify, self.cert)
+            plan = self._plans[url] = (template, dict(merged))
+        template, settings = plan
+        prepared = template.copy()
+        prepared.body = body
+        assert prepared.headers is not None
+        prepared.headers["Content-Length"] = str(len(body))
+        prepared.headers.update(headers)
+        return prepared, settings
+
+
 def shutdown_socket(sock: socket.socket) -> None:
     """Shut ``sock`` down both ways: wakes a blocked reader and tells the peer now."""
     try:
