@@ -46,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+# How far past its bound the reader lets one socket read run, to spare a system call per frame.
+_TIMEOUT_SLACK_S = 0.001
 
 # -- socket capture -----------------------------------------------------------
 
@@ -204,6 +206,7 @@ class BodyReader:
         if connection is not None:
             self.sock = getattr(connection, "sock", None)
         self.complete = False
+        self._timeout: Optional[float] = None
         self._http: Optional[http.client.HTTPResponse] = None
         self._read1: Optional[Callable[[int], bytes]] = None
         self._left: Optional[int] = None
@@ -278,11 +281,23 @@ class BodyReader:
             self.complete = True
         return data
 
-    def settimeout(self, seconds: Optional[float]) -> None:
-        """Bound the next read (the reader's timers); a no-op on the fallback path."""
+    def settimeout(self, seconds: float) -> None:
+        """Bound the next read to at most ``seconds`` (the reader's timers); a no-op on the fallback path.
+
+        Setting a socket's timeout is a system call, and a socket timeout
+        bounds each read afresh. So while frames keep coming the timeout set
+        after the previous frame is still right; it is changed only when it
+        would let a read run more than 1 ms past ``seconds``, or end before
+        half of it.
+        """
         sock = self.sock
-        if sock is not None and self._http is not None:
-            sock.settimeout(seconds)
+        if sock is None or self._http is None:
+            return
+        current = self._timeout
+        if current is not None and seconds * 0.5 <= current <= seconds + _TIMEOUT_SLACK_S:
+            return
+        sock.settimeout(seconds)
+        self._timeout = seconds
 
     def release(self) -> None:
         """Return the connection to the pool if the body ended cleanly, else drop it."""
