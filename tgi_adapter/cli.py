@@ -220,19 +220,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     data = {k: v for k, v in vars(info).items() if k != "extra"}
     data.update(info.extra)
     data["engine_version"] = info.engine_version
-    if args.json:
-        print(json.dumps(data, sort_keys=True))
-    else:
-        for key in sorted(data):
-            print(f"{key}: {data[key]}")
-    return EXIT_OK
+    return _print_fields(data, as_json=args.json)
 
 
 def _cmd_props(args: argparse.Namespace) -> int:
     with _adapter(args) as adapter:
         props = adapter.props()
-    data = dict(vars(props))
-    if args.json:
+    return _print_fields(dict(vars(props)), as_json=args.json)
+
+
+def _print_fields(data: Dict[str, Any], *, as_json: bool) -> int:
+    """One JSON object, or one ``key: value`` line per field, sorted by key."""
+    if as_json:
         print(json.dumps(data, sort_keys=True))
     else:
         for key in sorted(data):
