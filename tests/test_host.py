@@ -495,7 +495,7 @@ def test_the_correlation_id_reaches_the_engine_the_started_event_and_every_log_r
     with AdapterHost(clock=Clock()) as host:
         host.bind("p", "a", Engine(first.url))
         host.bind("p", "b", Engine(second.url))
-        caplog.set_level(logging.DEBUG, logger="tgi_adapter.host")
+        caplog.set_level(logging.DEBUG, logger="tgi_adapter")
         stream = host.submit("p", make_task())
         events = list(stream)
         generated = list(host.submit("p", make_task()))
@@ -505,7 +505,8 @@ def test_the_correlation_id_reaches_the_engine_the_started_event_and_every_log_r
     sent = [r.headers["x-correlation-id"] for r in generations(first) + generations(second)]
     assert sent.count(cid) == 2 and len(sent) == 3
     mine = stream.task_id
-    records = [r for r in caplog.records if r.name == "tgi_adapter.host" and r.__dict__.get("task_id") == mine]
+    host_loggers = ("tgi_adapter.host", "tgi_adapter.host_stream")
+    records = [r for r in caplog.records if r.name in host_loggers and r.__dict__.get("task_id") == mine]
     assert len(records) >= 4  # submitted, routed, failed over, routed
     for record in records:
         assert record.__dict__["correlation_id"] == cid and cid in record.getMessage()
