@@ -8,15 +8,14 @@ from typing import Any
 
 import pytest
 
+from tgi_adapter.testing.fake_axum import GENERATE_REQUEST, decode_body
 from tgi_adapter.testing.fake_engine import (
-    GENERATE_REQUEST,
     Fault,
     Limits,
     Params,
     Profile,
     Reply,
     count_tokens,
-    decode_body,
     generate,
     parse_version,
     planned_new_tokens,

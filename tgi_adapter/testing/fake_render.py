@@ -16,11 +16,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Union
 
+from .fake_axum import CHAT_REQUEST, COMPAT_REQUEST, COMPLETION_REQUEST, GENERATE_REQUEST, decode_body
 from .fake_engine import (
-    CHAT_REQUEST,
-    COMPAT_REQUEST,
-    COMPLETION_REQUEST,
-    GENERATE_REQUEST,
     GENERATION_ROUTES,
     Fault,
     Generation,
@@ -28,7 +25,6 @@ from .fake_engine import (
     Params,
     Profile,
     Reply,
-    decode_body,
     generate,
     planned_new_tokens,
     tokenize,
