@@ -9,39 +9,39 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tgi_adapter.redact import SENSITIVE_HEADERS, clip, fingerprint, redact_headers, redact_text
+from tgi_adapter.redact import SENSITIVE_HEADERS, clip, redact_headers, redact_text, short_hash
 
 TOKEN = "tgi-api-key-5d41402abc4b2a76b9719d911017c592"
 
 
 def test_fingerprint_is_six_hex_digits_of_sha256() -> None:
-    assert fingerprint(TOKEN) == "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:6]
-    assert fingerprint("abc") == "sha256:ba7816"
-    assert fingerprint("é") == "sha256:" + hashlib.sha256("é".encode()).hexdigest()[:6]
+    assert short_hash(TOKEN) == "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:6]
+    assert short_hash("abc") == "sha256:ba7816"
+    assert short_hash("é") == "sha256:" + hashlib.sha256("é".encode()).hexdigest()[:6]
 
 
 @pytest.mark.parametrize("secret", [None, ""])
 def test_fingerprint_of_nothing(secret: Optional[str]) -> None:
-    assert fingerprint(secret) == "none"
+    assert short_hash(secret) == "none"
 
 
 def test_fingerprints_tell_tokens_apart() -> None:
-    assert fingerprint("token-a") != fingerprint("token-b")
-    assert fingerprint("token-a") == fingerprint("token-a")
+    assert short_hash("token-a") != short_hash("token-b")
+    assert short_hash("token-a") == short_hash("token-a")
 
 
 def test_known_secret_becomes_its_fingerprint_everywhere() -> None:
     text = f"key {TOKEN} and again {TOKEN}, inside{TOKEN}word"
     out = redact_text(text, [TOKEN])
     assert TOKEN not in out
-    assert out.count(f"[{fingerprint(TOKEN)}]") == 3
+    assert out.count(f"[{short_hash(TOKEN)}]") == 3
 
 
 def test_several_secrets_and_none_are_accepted() -> None:
     other = "proxy-pass-998877"
     out = redact_text(f"a {TOKEN} b {other} c", [None, "", TOKEN, other])
     assert TOKEN not in out and other not in out
-    assert f"[{fingerprint(other)}]" in out
+    assert f"[{short_hash(other)}]" in out
 
 
 def test_very_short_secrets_are_not_replaced() -> None:
@@ -131,7 +131,7 @@ def test_echoed_headers_are_masked(text: str) -> None:
 def test_a_known_secret_never_survives(secret: str, before: str, after: str) -> None:
     # (a "secret" that is part of the replacement text itself, like "sha2" or "dact", proves nothing)
     assume("[" not in secret and "]" not in secret)
-    assume(secret not in fingerprint(secret) and secret not in "[redacted]")
+    assume(secret not in short_hash(secret) and secret not in "[redacted]")
     out = redact_text(before + secret + after, [secret])
     assert secret not in out
 
@@ -161,9 +161,9 @@ def test_headers_show_sensitive_values_as_fingerprints() -> None:
     }
     shown = redact_headers(headers)
     assert shown == {
-        "Authorization": f"[{fingerprint('Bearer ' + TOKEN)}]",
-        "X-API-Key": f"[{fingerprint('k-1')}]",
-        "cookie": f"[{fingerprint('a=b')}]",
+        "Authorization": f"[{short_hash('Bearer ' + TOKEN)}]",
+        "X-API-Key": f"[{short_hash('k-1')}]",
+        "cookie": f"[{short_hash('a=b')}]",
         "Content-Type": "application/json",
         "X-Correlation-Id": "abc",
     }
@@ -174,7 +174,7 @@ def test_headers_show_sensitive_values_as_fingerprints() -> None:
 @pytest.mark.parametrize("name", sorted(SENSITIVE_HEADERS))
 def test_every_sensitive_header_any_case(name: str) -> None:
     for spelled in (name, name.upper(), name.title()):
-        assert redact_headers({spelled: "v-secret"}) == {spelled: f"[{fingerprint('v-secret')}]"}
+        assert redact_headers({spelled: "v-secret"}) == {spelled: f"[{short_hash('v-secret')}]"}
 
 
 def test_redact_headers_of_nothing() -> None:

@@ -33,7 +33,7 @@ from .mapping import (
 )
 from .metrics import MetricsRegistry, TaskRecord
 from .reader import Attempts, Request, StreamReader, read_error_body
-from .redact import fingerprint, redact_text
+from .redact import redact_text, short_hash
 from .retry import RetryPolicy, retry_after_ms_from_headers
 from .stream import StreamChannel, TokenStream
 from .transport import (
@@ -165,7 +165,7 @@ class TgiHttpAdapter(WorkerAdapter):
 
     def __repr__(self) -> str:
         return (
-            f"TgiHttpAdapter({self._shown_url!r}, token={fingerprint(self._token)}, "
+            f"TgiHttpAdapter({self._shown_url!r}, token={short_hash(self._token)}, "
             f"route={self.config.route!r}, pool_id={self.config.pool_id!r}, replica_id={self.config.replica_id!r})"
         )
 

@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["fingerprint", "redact_text", "redact_headers", "SENSITIVE_HEADERS", "clip"]
+__all__ = ["short_hash", "redact_text", "redact_headers", "SENSITIVE_HEADERS", "clip"]
 
 #: Header names whose values are never shown (compared case-insensitively).
 SENSITIVE_HEADERS = frozenset(
@@ -42,7 +42,7 @@ _PATTERNS = (
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 
 
-def fingerprint(secret: Optional[str]) -> str:
+def short_hash(secret: Optional[str]) -> str:
     """``"sha256:1a2b3c"`` for a secret, ``"none"`` when there is none."""
     if not secret:
         return "none"
@@ -63,7 +63,7 @@ def redact_text(text: str, secrets: Iterable[Optional[str]] = ()) -> str:
     """
     for secret in secrets:
         if secret and len(secret) >= 4 and secret in text:
-            text = text.replace(secret, f"[{fingerprint(secret)}]")
+            text = text.replace(secret, f"[{short_hash(secret)}]")
     for pattern in _PATTERNS:
         text = pattern.sub(_mask, text)
     return _HF_TOKEN.sub("[redacted]", text)
@@ -72,7 +72,7 @@ def redact_text(text: str, secrets: Iterable[Optional[str]] = ()) -> str:
 def redact_headers(headers: Mapping[str, str]) -> dict:  # type: ignore[type-arg]
     """A copy of ``headers`` with sensitive values shown as fingerprints."""
     return {
-        name: (f"[{fingerprint(value)}]" if name.lower() in SENSITIVE_HEADERS else value)
+        name: (f"[{short_hash(value)}]" if name.lower() in SENSITIVE_HEADERS else value)
         for name, value in headers.items()
     }
 

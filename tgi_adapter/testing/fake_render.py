@@ -228,6 +228,8 @@ class TgiRoutes:
         self.model_sha = model_sha
         self.sha = sha
         self.docker_label = docker_label
+        #: What TGI puts in ``system_fingerprint`` on the OpenAI routes.
+        self.system_id = f"{profile.version}-{docker_label or 'native'}"
         self.api_key = api_key
         self.eos_after = eos_after
         self.utf8_split = utf8_split
@@ -265,10 +267,6 @@ class TgiRoutes:
         if p.ge(0, 7):
             out["docker_label"] = self.docker_label
         return out
-
-    @property
-    def fingerprint(self) -> str:
-        return f"{self.profile.version}-{self.docker_label or 'native'}"
 
     def accept(self, method: str, path: str, headers: Mapping[str, str], body: bytes, healthy: bool) -> Answer | Job:
         """Route a request; anything that needs no permit is answered here.
@@ -572,7 +570,7 @@ class TgiRoutes:
             "logprobs": logprobs,
             "finish_reason": self._openai_finish(gen.finish_reason),
         }
-        body["system_fingerprint"] = self.fingerprint
+        body["system_fingerprint"] = self.system_id
         body["choices"] = [choice]
         body["usage"] = _usage(input_length, len(gen.tokens))
         headers = self._timing_headers(job.prompts[0], len(gen.tokens), input_length)
@@ -603,7 +601,7 @@ class TgiRoutes:
             for i, token in enumerate(gen.tokens):
                 last = i == len(gen.tokens) - 1
                 chunk = self._head("chat.completion.chunk" if tagged else "text_completion", model)
-                chunk["system_fingerprint"] = self.fingerprint
+                chunk["system_fingerprint"] = self.system_id
                 top = gen.top_tokens[i : i + 1]
                 delta = {"role": "assistant", "content": "" if token.special else token.text}
                 reason = self._openai_finish(gen.finish_reason) if last else None
@@ -622,7 +620,7 @@ class TgiRoutes:
                 # Since 3.2 usage comes in a chunk of its own, with no choices.
                 chunk = self._head("chat.completion.chunk", model)
                 chunk.update(
-                    system_fingerprint=self.fingerprint, choices=[], usage=_usage(input_length, len(gen.tokens))
+                    system_fingerprint=self.system_id, choices=[], usage=_usage(input_length, len(gen.tokens))
                 )
                 frames.append(Frame(self._sse(chunk)))
             return frames + self._done()
@@ -653,7 +651,7 @@ class TgiRoutes:
             total_ms += int((self.prefill_s + self.pace_s * max(0, len(gen.tokens) - 1)) * 1000)
         body = self._head("text_completion", self._model(job))
         body.update(
-            system_fingerprint=self.fingerprint, choices=choices, usage=_usage(prompt_tokens, completion_tokens)
+            system_fingerprint=self.system_id, choices=choices, usage=_usage(prompt_tokens, completion_tokens)
         )
         headers.append(("x-compute-characters", str(sum(len(pr) for pr in job.prompts))))
         headers += [("x-total-time", str(total_ms)), ("x-validation-time", "0"), ("x-queue-time", "0")]
@@ -680,14 +678,14 @@ class TgiRoutes:
                 if last and p.ge(2, 3):
                     choice["finish_reason"] = gen.finish_reason
                     obj = self._head("text_completion", model)
-                    obj.update(system_fingerprint=self.fingerprint, choices=[choice])
+                    obj.update(system_fingerprint=self.system_id, choices=[choice])
                     obj["usage"] = _usage(input_length, len(gen.tokens))
                 else:
                     if last:
                         choice["finish_reason"] = gen.finish_reason
                     obj = self._head("text_completion", model)
                     del obj["model"]
-                    obj.update(choices=[choice], model=model, system_fingerprint=self.fingerprint)
+                    obj.update(choices=[choice], model=model, system_fingerprint=self.system_id)
                 frames.append(Frame(self._sse(obj), token=True))
             return frames
 
