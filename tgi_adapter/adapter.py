@@ -28,23 +28,15 @@ from .mapping import (
     error_for,
     error_from_status,
     parse_prometheus,
-    result_from_body,
     slots_free_from_metrics,
 )
 from .metrics import MetricsRegistry, TaskRecord
-from .reader import Attempts, Request, StreamReader, read_error_body
+from .oneshot import call_once
+from .reader import Attempts, Request, StreamReader
 from .redact import redact_text, short_hash
-from .retry import RetryPolicy, retry_after_ms_from_headers
+from .retry import RetryPolicy
 from .stream import StreamChannel, TokenStream
-from .transport import (
-    BodyReader,
-    SendPlan,
-    is_timeout,
-    make_session,
-    shutdown_socket,
-    socket_hook,
-    translate_exception,
-)
+from .transport import SendPlan, is_timeout, make_session, translate_exception
 
 __all__ = ["TgiHttpAdapter"]
 
@@ -547,7 +539,22 @@ class TgiHttpAdapter(WorkerAdapter):
         result: Dict[str, Any] = {}
 
         def attempt() -> Optional[WorkerError]:
-            return self._generate_once(request, channel, deadline, started, sampled_seed, result)
+            outcome = call_once(
+                request,
+                channel,
+                deadline=deadline,
+                connect_timeout=self.config.timeouts.connect,
+                route=self.config.route,
+                engine_version=started["engine_version"],
+                sampled_seed=sampled_seed,
+                clock=self._clock,
+                secrets=self._secrets,
+                on_connect_failure=self._mark_info_stale,
+            )
+            if isinstance(outcome, tuple):
+                result["answer"] = outcome
+                return None
+            return outcome
 
         attempts = Attempts(
             self.config.retry,
@@ -580,85 +587,3 @@ class TgiHttpAdapter(WorkerAdapter):
         channel.stats.update(tokens_in=end["tokens_in"], tokens_out=end["tokens_out"], decode_ms=end["decode_ms"])
         self._record_task(task.task_id, "end", channel.stats)
         return text, end
-
-    def _generate_once(
-        self,
-        request: Request,
-        channel: StreamChannel,
-        deadline: float,
-        started: Dict[str, Any],
-        sampled_seed: Optional[int],
-        result: Dict[str, Any],
-    ) -> Optional[WorkerError]:
-        if channel.cancelled:
-            return None
-        t0 = self._clock()
-        remaining = deadline - t0
-        if remaining <= 0:
-            return error_for("deadline", "before the request could be sent")
-        forget: list = []  # type: ignore[type-arg]
-
-        def on_socket(sock: Any) -> None:
-            forget.append(channel.on_cancel(lambda: shutdown_socket(sock)))
-
-        try:
-            try:
-                with socket_hook(on_socket):
-                    response = request.send(min(self.config.timeouts.connect, remaining), remaining)
-            except Exception as exc:
-                if channel.cancelled:
-                    return None
-                if is_timeout(exc) and self._clock() >= deadline - 0.001:
-                    return error_for("deadline", "waiting for the answer")
-                error = translate_exception(exc, phase="connect", secrets=self._secrets)
-                if error.retriable:
-                    self._mark_info_stale()
-                return error
-            if response.status_code != 200:
-                body = read_error_body(response)
-                return error_from_status(
-                    response.status_code,
-                    body,
-                    response.headers.get("content-type", ""),
-                    retry_after_ms=retry_after_ms_from_headers(response.headers, time.time()),
-                    secrets=self._secrets,
-                )
-            reader = BodyReader(response)
-            parts = []
-            try:
-                while True:
-                    left = deadline - self._clock()
-                    if left <= 0:
-                        reader.abort()
-                        return error_for("deadline", "waiting for the answer")
-                    reader.settimeout(left)
-                    data = reader.read()
-                    if not data:
-                        break
-                    parts.append(data)
-            except Exception as exc:
-                reader.abort()
-                if channel.cancelled:
-                    return None
-                if is_timeout(exc):
-                    return error_for("deadline", "waiting for the answer")
-                return translate_exception(exc, phase="read", secrets=self._secrets)
-            reader.release()
-            elapsed_ms = int(round((self._clock() - t0) * 1000))
-            try:
-                answer = result_from_body(
-                    self.config.route,
-                    json.loads(b"".join(parts)),
-                    response.headers,
-                    engine_version=started["engine_version"],
-                    elapsed_ms=elapsed_ms,
-                    sampled_seed=sampled_seed,
-                )
-            except (ValueError, RecursionError) as exc:
-                return error_for("malformed", f"the answer: {exc}")
-            result["answer"] = answer
-            return None
-        finally:
-            for undo in forget:
-                undo()
-

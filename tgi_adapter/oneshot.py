@@ -1,0 +1,122 @@
+"""One non-streaming call: send, read the whole answer within the deadline, map it.
+
+The blocking counterpart of :class:`~tgi_adapter.reader.StreamReader`, for
+``TgiHttpAdapter.generate()``. One attempt per call; the retry loop
+(:class:`~tgi_adapter.reader.Attempts`) is the caller's. Cancel works as on a
+stream: the socket is shut down through the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import WorkerError
+from .mapping import error_for, error_from_status, result_from_body
+from .reader import Request, read_error_body
+from .retry import retry_after_ms_from_headers
+from .stream import StreamChannel
+from .transport import BodyReader, is_timeout, shutdown_socket, socket_hook, translate_exception
+
+__all__ = ["Answer", "call_once"]
+
+#: ``(text, end_data)``, what ``TokenStream.collect()`` returns.
+Answer = Tuple[str, Dict[str, Any]]
+
+
+def call_once(
+    request: Request,
+    channel: StreamChannel,
+    *,
+    deadline: float,
+    connect_timeout: float,
+    route: str,
+    engine_version: Optional[str],
+    sampled_seed: Optional[int],
+    clock: Callable[[], float],
+    secrets: Sequence[Optional[str]],
+    on_connect_failure: Callable[[], None],
+) -> Union[Answer, WorkerError, None]:
+    """The answer, the error this attempt ended with, or ``None`` when cancelled."""
+    if channel.cancelled:
+        return None
+    t0 = clock()
+    remaining = deadline - t0
+    if remaining <= 0:
+        return error_for("deadline", "before the request could be sent")
+    forget: List[Callable[[], None]] = []
+
+    def on_socket(sock: Any) -> None:
+        forget.append(channel.on_cancel(lambda: shutdown_socket(sock)))
+
+    try:
+        try:
+            with socket_hook(on_socket):
+                response = request.send(min(connect_timeout, remaining), remaining)
+        except Exception as exc:
+            if channel.cancelled:
+                return None
+            if is_timeout(exc) and clock() >= deadline - 0.001:
+                return error_for("deadline", "waiting for the answer")
+            error = translate_exception(exc, phase="connect", secrets=secrets)
+            if error.retriable:
+                on_connect_failure()
+            return error
+        if response.status_code != 200:
+            return error_from_status(
+                response.status_code,
+                read_error_body(response),
+                response.headers.get("content-type", ""),
+                retry_after_ms=retry_after_ms_from_headers(response.headers, time.time()),
+                secrets=secrets,
+            )
+        body = _read_all(BodyReader(response), channel, deadline, clock, secrets)
+        if not isinstance(body, bytes):
+            return body
+        elapsed_ms = int(round((clock() - t0) * 1000))
+        try:
+            return result_from_body(
+                route,
+                json.loads(body),
+                response.headers,
+                engine_version=engine_version,
+                elapsed_ms=elapsed_ms,
+                sampled_seed=sampled_seed,
+            )
+        except (ValueError, RecursionError) as exc:
+            return error_for("malformed", f"the answer: {exc}")
+    finally:
+        for undo in forget:
+            undo()
+
+
+def _read_all(
+    reader: BodyReader,
+    channel: StreamChannel,
+    deadline: float,
+    clock: Callable[[], float],
+    secrets: Sequence[Optional[str]],
+) -> Union[bytes, WorkerError, None]:
+    """The whole body (the connection back in the pool), ``None`` when cancelled, or the error."""
+    parts = []
+    try:
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                reader.abort()
+                return error_for("deadline", "waiting for the answer")
+            reader.settimeout(left)
+            data = reader.read()
+            if not data:
+                break
+            parts.append(data)
+    except Exception as exc:
+        reader.abort()
+        if channel.cancelled:
+            return None
+        if is_timeout(exc):
+            return error_for("deadline", "waiting for the answer")
+        return translate_exception(exc, phase="read", secrets=secrets)
+    reader.release()
+    return b"".join(parts)
