@@ -141,18 +141,25 @@ def _adapter_run(server: ImitationServer, n: int, tokens: int, pace_ms: float) -
 
     try:
         adapter.engine_info()  # /info once, not by every thread at once
-        run.warm_s = _fill_pool(server, run_stream, n)
-        settle(threads_now, run.base["threads"], SETTLE_S)
-        _burst(server, run, run_stream, tokens, pace_ms)
-        gc.collect()
-        run.threads_after, run.threads_wait_s = settle(threads_now, run.base["threads"], SETTLE_S)
-        run.fds_with_pool = fds_now()
+        _measure(server, run, run_stream, n, tokens, pace_ms)
         if adapter.in_flight:
             run.leaks.append(f"adapter.in_flight is {adapter.in_flight} after every stream ended")
     finally:
         adapter.close()
     _after_close(server, run)
     return run
+
+
+def _measure(
+    server: ImitationServer, run: Run, run_stream: Callable[[int, str], str], n: int, tokens: int, pace_ms: float
+) -> None:
+    """Open the pool's connections, run the burst, and see threads settle back (the pool still open)."""
+    run.warm_s = _fill_pool(server, run_stream, n)
+    settle(threads_now, run.base["threads"], SETTLE_S)
+    _burst(server, run, run_stream, tokens, pace_ms)
+    gc.collect()
+    run.threads_after, run.threads_wait_s = settle(threads_now, run.base["threads"], SETTLE_S)
+    run.fds_with_pool = fds_now()
 
 
 def _minimal_run(server: ImitationServer, n: int, tokens: int, pace_ms: float) -> Run:
@@ -173,12 +180,7 @@ def _minimal_run(server: ImitationServer, n: int, tokens: int, pace_ms: float) -
         return "".join(parts)
 
     try:
-        run.warm_s = _fill_pool(server, run_stream, n)
-        settle(threads_now, run.base["threads"], SETTLE_S)
-        _burst(server, run, run_stream, tokens, pace_ms)
-        gc.collect()
-        run.threads_after, run.threads_wait_s = settle(threads_now, run.base["threads"], SETTLE_S)
-        run.fds_with_pool = fds_now()
+        _measure(server, run, run_stream, n, tokens, pace_ms)
     finally:
         session.close()
     _after_close(server, run)
