@@ -9,15 +9,13 @@ stream: the socket is shut down through the channel.
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import WorkerError
-from .mapping import error_for, error_from_status, result_from_body
-from .reader import Request, read_error_body
-from .retry import retry_after_ms_from_headers
+from .mapping import error_for, result_from_body
+from .reader import CancelWatch, Request, open_response, status_error
 from .stream import StreamChannel
-from .transport import BodyReader, is_timeout, shutdown_socket, socket_hook, translate_exception
+from .transport import BodyReader, is_timeout, translate_exception
 
 __all__ = ["Answer", "call_once"]
 
@@ -45,15 +43,10 @@ def call_once(
     remaining = deadline - t0
     if remaining <= 0:
         return error_for("deadline", "before the request could be sent")
-    forget: List[Callable[[], None]] = []
-
-    def on_socket(sock: Any) -> None:
-        forget.append(channel.on_cancel(lambda: shutdown_socket(sock)))
-
+    watch = CancelWatch(channel)
     try:
         try:
-            with socket_hook(on_socket):
-                response = request.send(min(connect_timeout, remaining), remaining)
+            response = open_response(request, watch, min(connect_timeout, remaining), remaining)
         except Exception as exc:
             if channel.cancelled:
                 return None
@@ -64,14 +57,10 @@ def call_once(
                 on_connect_failure()
             return error
         if response.status_code != 200:
-            return error_from_status(
-                response.status_code,
-                read_error_body(response),
-                response.headers.get("content-type", ""),
-                retry_after_ms=retry_after_ms_from_headers(response.headers, time.time()),
-                secrets=secrets,
-            )
-        body = _read_all(BodyReader(response), channel, deadline, clock, secrets)
+            return status_error(request, response)
+        reader = BodyReader(response)
+        watch.watch_body(reader)
+        body = _read_all(reader, channel, deadline, clock, secrets)
         if not isinstance(body, bytes):
             return body
         elapsed_ms = int(round((clock() - t0) * 1000))
@@ -87,8 +76,7 @@ def call_once(
         except (ValueError, RecursionError) as exc:
             return error_for("malformed", f"the answer: {exc}")
     finally:
-        for undo in forget:
-            undo()
+        watch.disarm()
 
 
 def _read_all(

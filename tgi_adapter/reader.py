@@ -34,7 +34,7 @@ from .transport import (
     translate_exception,
 )
 
-__all__ = ["Request", "StreamReader", "Attempts", "read_error_body"]
+__all__ = ["Attempts", "CancelWatch", "Request", "StreamReader", "open_response", "read_error_body", "status_error"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,52 @@ class Request:
             allow_redirects=False,
             **self.settings,
         )
+
+
+class CancelWatch:
+    """Shuts a request's socket down when its channel is cancelled, until disarmed.
+
+    A blocked ``recv`` (or TLS handshake) wakes only when the socket is shut
+    down; closing the response from another thread is not enough.
+    """
+
+    __slots__ = ("channel", "_undo")
+
+    def __init__(self, channel: StreamChannel) -> None:
+        self.channel = channel
+        self._undo: List[Callable[[], None]] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        self._undo.append(self.channel.on_cancel(lambda: shutdown_socket(sock)))
+
+    def watch_body(self, body: BodyReader) -> None:
+        """Watch the body's socket if the send did not report one (a session of the user's)."""
+        if not self._undo and body.sock is not None:
+            self.watch(body.sock)
+
+    def disarm(self) -> None:
+        undo, self._undo = self._undo, []
+        for forget in undo:
+            forget()
+
+
+def open_response(
+    request: Request, watch: CancelWatch, connect_timeout: float, read_timeout: float
+) -> requests.Response:
+    """Send ``request`` with its socket watched from the moment it exists; raises what sending raises."""
+    with socket_hook(watch.watch):
+        return request.send(connect_timeout, read_timeout)
+
+
+def status_error(request: Request, response: requests.Response) -> WorkerError:
+    """The error for an answer other than 200 (its body read, clipped and redacted; the response closed)."""
+    return error_from_status(
+        response.status_code,
+        read_error_body(response),
+        response.headers.get("content-type", ""),
+        retry_after_ms=retry_after_ms_from_headers(response.headers, time.time()),
+        secrets=request.secrets,
+    )
 
 
 def read_error_body(response: requests.Response) -> bytes:
@@ -153,7 +199,6 @@ class StreamReader:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float],
         wait: Callable[[float], bool],
-        wall_clock: Callable[[], float] = time.time,
         on_connect_failure: Optional[Callable[[], None]] = None,
     ) -> None:
         self.request = request
@@ -163,7 +208,6 @@ class StreamReader:
         self.deadline = deadline
         self.max_frame_bytes = max_frame_bytes
         self.clock = clock
-        self.wall_clock = wall_clock
         self.on_connect_failure = on_connect_failure
         self.attempts = Attempts(
             retry, deadline=deadline, clock=clock, rng=rng, wait=wait, label=f"task {channel.task_id}"
@@ -193,46 +237,25 @@ class StreamReader:
         remaining = self.deadline - t_sent
         if remaining <= 0:
             return error_for("deadline", "before the request could be sent")
-        unregister: List[Callable[[], None]] = []
-
-        def on_socket(sock: socket.socket) -> None:
-            unregister.append(channel.on_cancel(lambda: shutdown_socket(sock)))
-
-        request = self.request
+        watch = CancelWatch(channel)
         try:
-            with socket_hook(on_socket):
-                response = request.send(
-                    min(self.timeouts.connect, remaining), min(self.timeouts.first_token, remaining)
-                )
-        except Exception as exc:
-            for forget in unregister:
-                forget()
+            try:
+                connect, first = min(self.timeouts.connect, remaining), min(self.timeouts.first_token, remaining)
+                response = open_response(self.request, watch, connect, first)
+            except Exception as exc:
+                if channel.cancelled:
+                    return None
+                return self._send_failed(exc, t_sent)
             if channel.cancelled:
+                response.close()
                 return None
-            return self._send_failed(exc, t_sent)
-        if channel.cancelled:
-            response.close()
-            return None
-        if response.status_code != 200:
-            for forget in unregister:
-                forget()
-            headers = response.headers
-            body = read_error_body(response)
-            return error_from_status(
-                response.status_code,
-                body,
-                headers.get("content-type", ""),
-                retry_after_ms=retry_after_ms_from_headers(headers, self.wall_clock()),
-                secrets=request.secrets,
-            )
-        body_reader = BodyReader(response)
-        if not unregister and body_reader.sock is not None:
-            on_socket(body_reader.sock)
-        try:
-            return self._read_loop(body_reader, t_sent)
+            if response.status_code != 200:
+                return status_error(self.request, response)
+            body = BodyReader(response)
+            watch.watch_body(body)
+            return self._read_loop(body, t_sent)
         finally:
-            for forget in unregister:
-                forget()
+            watch.disarm()
 
     def _send_failed(self, exc: BaseException, t_sent: float) -> WorkerError:
         if is_timeout(exc) and not is_connect_timeout(exc):
