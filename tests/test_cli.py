@@ -117,7 +117,48 @@ def test_health_of_an_unready_engine_exits_1(server: FakeTgiServer) -> None:
     server.healthy = False
     result = run("health", "--url", server.url, "--json")
     assert result.returncode == 1
-    assert json.loads(result.stdout) == {"live": True, "ready": False}
+    assert json.loads(result.stdout) == {"live": True, "ready": False, "engine_version": "3.3.6+sha.8e5a2b7"}
+
+
+def test_health_names_the_engine_version_that_answered() -> None:
+    with FakeTgiServer(version="2.0.4") as server:
+        text = run("health", "--url", server.url)
+        as_json = run("health", "--url", server.url, "--json")
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+    assert text.stdout.strip().startswith("live: yes, ready: yes, engine_version: 2.0.4")
+    assert json.loads(as_json.stdout)["engine_version"].startswith("2.0.4")
+
+
+def test_health_of_a_dead_engine_has_no_version() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run("health", "--url", f"http://127.0.0.1:{port}", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"live": False, "ready": False, "engine_version": None}
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # ``tgi-adapter generate --json … | head -1``: read one line, then close the pipe.
+    with FakeTgiServer(pace_s=0.005) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TGI_ADAPTER_")}
+        proc = subprocess.Popen(
+            CLI + ["generate", "--url", server.url, "--json", "--max-tokens", "400", "Hello"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        first = json.loads(proc.stdout.readline())
+        proc.stdout.close()
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+        stderr = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert server.wait_for_disconnect(timeout=10.0)  # the stream was cancelled, not run to its end
+    assert first["kind"] == "started"
+    assert "Traceback" not in stderr and stderr == ""
+    assert code == 141
 
 
 def test_usage_errors_exit_2() -> None:

@@ -469,12 +469,17 @@ def test_a_host_stream_behaves_like_a_token_stream(make_task: MakeTask) -> None:
 
         with host.submit("p", make_task()) as closed_early:
             pass
-        assert closed_early.finished and closed_early.cancelled and list(closed_early) == []
+        # Closing never swallows the terminal event: a later iteration still gets the cancelled tail.
+        assert closed_early.cancelled and not closed_early.finished
+        tail = list(closed_early)
+        assert kinds(tail) == ["started", "end"] and tail[-1].data["finish_reason"] == "cancelled"
+        assert closed_early.finished and list(closed_early) == []
 
         with host.submit("p", make_task(deadline_ms=60_000)) as stream:
             mock.inject(MockFault("stall", at_token=1))
             assert kinds([next(stream), next(stream)]) == ["started", "token"]
-        assert stream.finished and mock.props().in_flight == 0
+        assert stream.cancelled and mock.props().in_flight == 0
+        assert [e.data["finish_reason"] for e in stream] == ["cancelled"] and stream.finished
 
         failing = host.submit("p", make_task())
         mock.inject(MockFault("error", code="INTERNAL"))

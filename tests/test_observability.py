@@ -179,9 +179,9 @@ def test_render_prometheus_after_scripted_tasks(make_task: MakeTask) -> None:
         list(adapter.submit(make_task()))
         for _ in range(2):
             adapter.submit(make_task(max_tokens=4)).collect()
-        task = make_task(max_tokens=1000)
-        with adapter.submit(task) as stream:
-            next(stream)
+        server.inject(Fault("stall", at_token=3))
+        with adapter.submit(make_task(max_tokens=1000)) as stream:
+            assert [next(stream).kind for _ in range(4)] == ["started", "token", "token", "token"]
         adapter.health()
     types, samples = parse_exposition(registry.render_prometheus())
     assert types["tasks_started_total"] == "counter" and types["latency_first_token_ms"] == "histogram"
@@ -194,13 +194,15 @@ def test_render_prometheus_after_scripted_tasks(make_task: MakeTask) -> None:
     assert samples[("tasks_started_total", base)] == 5
     assert samples[("tasks_canceled_total", base)] == 1
     assert samples[("tasks_failed_total", base + (("code", "INVALID_PARAMS"),))] == 1
-    assert samples[("tokens_out_total", base)] == 3 + 4 + 4
+    # What the wire carried: the cancelled task's 3 streamed tokens count too.
+    assert samples[("tokens_out_total", base)] == 3 + 4 + 4 + 3
     assert samples[("retries_total", base)] == 1
     gauge = tuple(p for p in base if p[0] != "engine_version")
     assert samples[("streams_in_flight", gauge)] == 0
     assert samples[("engine_live", gauge)] == 1 and samples[("engine_ready", gauge)] == 1
-    assert samples[("latency_first_token_ms_count", base)] == 3
-    assert samples[("latency_first_token_ms_bucket", base + (("le", "+Inf"),))] == 3
+    # Every task that received a first token, the cancelled one included.
+    assert samples[("latency_first_token_ms_count", base)] == 4
+    assert samples[("latency_first_token_ms_bucket", base + (("le", "+Inf"),))] == 4
     counts = [samples[("latency_first_token_ms_bucket", base + (("le", str(b)),))] for b in FIRST_TOKEN_BUCKETS_MS]
     assert counts == sorted(counts)  # cumulative
     assert samples[("latency_decode_ms_count", base)] == 3

@@ -162,9 +162,11 @@ def test_close_and_the_context_manager_cancel_and_release(
     server.inject(Fault("stall", at_token=1))
     with adapter.submit(make_task(max_tokens=10)) as stream:
         assert next(stream).kind == "started"
-    assert stream.finished and stream.cancelled
+    assert stream.cancelled and adapter.in_flight == 0
     assert server.wait_for_disconnect(timeout=5.0)
-    assert adapter.in_flight == 0
+    # The terminal event is still there for whoever iterates next, exactly once.
+    assert [e.data["finish_reason"] for e in stream] == ["cancelled"]
+    assert stream.finished and list(stream) == []
 
 
 def test_adapter_close_cancels_everything_in_flight(make_task: MakeTask) -> None:

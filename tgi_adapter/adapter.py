@@ -10,12 +10,12 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Set, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from . import __about__
+from . import __about__, runtime
 from .config import AdapterConfig, config_from_env
 from .contract import EngineInfo, TaskLike, TaskRequest, WorkerAdapter, WorkerHealth, WorkerProps, as_task
 from .errors import InvalidParamsError, PoolUnavailableError, WorkerError
@@ -32,11 +32,11 @@ from .mapping import (
 )
 from .metrics import MetricsRegistry, TaskRecord
 from .oneshot import call_once
-from .reader import Attempts, Request, StreamReader
+from .reader import Attempts, Request, StreamReader, error_for_exception
 from .redact import redact_text, short_hash
 from .retry import RetryPolicy
 from .stream import StreamChannel, TokenStream
-from .transport import SendPlan, is_timeout, make_session, translate_exception
+from .transport import SendPlan, is_timeout, make_session
 
 __all__ = ["TgiHttpAdapter"]
 
@@ -47,6 +47,8 @@ _NO_RETRY = RetryPolicy(attempts=1)
 # After /info could not be fetched, submit() goes on without the fit check;
 # it does not try again for this long, so a down engine costs one connect.
 _INFO_RETRY_S = 1.0
+# adapter.close() waits this long in all for the readers of the streams it cancelled.
+_CLOSE_WAIT_S = 2.0
 
 
 def _clean_base_url(base_url: str) -> Tuple[str, str]:
@@ -129,11 +131,14 @@ class TgiHttpAdapter(WorkerAdapter):
         self._lock = threading.Lock()
         self._streams: weakref.WeakValueDictionary[str, TokenStream] = weakref.WeakValueDictionary()
         self._calls: Dict[str, StreamChannel] = {}
+        #: Channels whose reader is not done yet (close() waits for them).
+        self._readers: Set[StreamChannel] = set()
         self._info: Optional[EngineInfo] = None
         self._info_at = 0.0
         self._info_failed_at: Optional[float] = None
         self._info_stale = False
         self._closed = False
+        runtime.hold()
 
     @classmethod
     def from_env(
@@ -177,17 +182,29 @@ class TgiHttpAdapter(WorkerAdapter):
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel every task in flight and close the connections (if the session is ours)."""
+        """Cancel every task in flight, wait briefly for their readers, close the connections.
+
+        When it returns, every cancelled stream's socket is closed and its task
+        counted in the metrics (unless a reader is stuck past the brief wait).
+        The session is closed only if the adapter made it.
+        """
         with self._lock:
-            self._closed = True
+            was_closed, self._closed = self._closed, True
             streams = list(self._streams.values())
             calls = list(self._calls.values())
+            readers = list(self._readers)
         for stream in streams:
             stream.close()
         for channel in calls:
             channel.cancel()
+        give_up = time.monotonic() + _CLOSE_WAIT_S
+        for channel in readers:
+            channel.cancel()
+            channel.reader_done.wait(max(0.0, give_up - time.monotonic()))
         if self._owns_session:
             self._session.close()
+        if not was_closed:
+            runtime.release()
 
     def __enter__(self) -> TgiHttpAdapter:
         return self
@@ -224,7 +241,7 @@ class TgiHttpAdapter(WorkerAdapter):
             except Exception as exc:
                 if is_timeout(exc):
                     return error_for("connect_failed", f"no answer to {path} within Timeouts.control")
-                error = translate_exception(exc, phase="connect", secrets=self._secrets)
+                error = error_for_exception(exc, phase="connect", secrets=self._secrets)
                 if error.retriable:
                     self._info_stale = True
                 return error
@@ -441,18 +458,19 @@ class TgiHttpAdapter(WorkerAdapter):
             on_connect_failure=self._mark_info_stale,
         )
         thread = threading.Thread(target=reader.run, name=f"tgi-stream-{task.task_id}", daemon=True)
+        channel.on_settled = self._stream_settled
         stream = TokenStream(
             task.task_id,
             channel,
             started_data=started,
             deadline=deadline,
-            thread=thread,
             on_done=self._stream_done,
             clock=self._clock,
         )
-        weakref.finalize(stream, channel.cancel)
+        weakref.finalize(stream, channel.abandon).atexit = False
         with self._lock:
             self._streams[task.task_id] = stream
+            self._readers.add(channel)
         self.metrics.task_started(channel.stats["labels"])
         log.debug("task %s: submitted (correlation id %s)", task.task_id, started["correlation_id"])
         thread.start()
@@ -481,12 +499,18 @@ class TgiHttpAdapter(WorkerAdapter):
         self._info_stale = True
 
     def _stream_done(self, stream: TokenStream) -> None:
+        """The consumer took the terminal event (or closed the stream): forget the task."""
         with self._lock:
             if self._streams.get(stream.task_id) is stream:
                 del self._streams[stream.task_id]
-        stats = stream._channel.stats
-        outcome = "cancelled" if stream.cancelled else str(stats.get("outcome", "end"))
-        self._record_task(stream.task_id, outcome, stats)
+
+    def _stream_settled(self, channel: StreamChannel) -> None:
+        """Both the consumer and the reader are done with a stream: count what happened."""
+        with self._lock:
+            self._readers.discard(channel)
+        stats = channel.stats
+        outcome = str(stats.get("outcome", "end")) if channel.natural_end else "cancelled"
+        self._record_task(channel.task_id, outcome, stats)
 
     def _record_task(self, task_id: str, outcome: str, stats: MutableMapping[str, Any]) -> None:
         labels = stats.get("labels") or self._labels

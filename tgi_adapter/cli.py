@@ -2,7 +2,9 @@
 
 Exit codes: 0 ok; 1 the engine or the adapter reported an error (one line on
 stderr names the code and what to do); 2 usage; 130 interrupted (Ctrl-C
-cancels the stream first, so the engine frees the slot).
+cancels the stream first, so the engine frees the slot); 141 the reader of
+the output went away (``… | head -1``): the stream is cancelled and the
+command ends quietly, as a tool killed by SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .errors import WorkerError
 from .mapping import parse_prometheus
 from .retry import RetryPolicy, Timeouts
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 #: ``--fault`` names of ``demo`` and ``fake-server``, and what each shows.
 DEMO_FAULTS: Dict[str, str] = {
@@ -142,16 +144,16 @@ def _task(args: argparse.Namespace, prompt: str) -> TaskRequest:
 
 
 def _stream(adapter: TgiHttpAdapter, task: TaskRequest, printer: _Printer, out: TextIO) -> int:
-    stream = adapter.submit(task)
-    try:
-        for event in stream:
-            printer.event(event)
-    except KeyboardInterrupt:
-        stream.close()
-        if not printer.as_json:
-            out.write("\n")
-        sys.stderr.write("interrupted: the stream was cancelled\n")
-        return EXIT_INTERRUPTED
+    with adapter.submit(task) as stream:  # leaving early (Ctrl-C, a closed pipe) cancels it
+        try:
+            for event in stream:
+                printer.event(event)
+        except KeyboardInterrupt:
+            stream.close()
+            if not printer.as_json:
+                out.write("\n")
+            sys.stderr.write("interrupted: the stream was cancelled\n")
+            return EXIT_INTERRUPTED
     if not printer.as_json:
         out.write("\n")
     if printer.error is not None:
@@ -205,12 +207,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
+    version: Optional[str] = None
     with _adapter(args) as adapter:
         health = adapter.health()
+        if health.live:
+            try:
+                version = adapter.engine_version()
+            except WorkerError as error:  # an engine without /info is still worth reporting on
+                logging.getLogger(__name__).debug("no engine version: %s", error.message)
     if args.json:
-        print(json.dumps({"live": health.live, "ready": health.ready}))
+        print(json.dumps({"live": health.live, "ready": health.ready, "engine_version": version}))
     else:
-        print(f"live: {'yes' if health.live else 'no'}, ready: {'yes' if health.ready else 'no'}")
+        print(
+            f"live: {'yes' if health.live else 'no'}, ready: {'yes' if health.ready else 'no'}, "
+            f"engine_version: {version or 'unknown'}"
+        )
     return EXIT_OK if health.ready else EXIT_ERROR
 
 
@@ -386,7 +397,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     return EXIT_ERROR  # pragma: no cover - parser.error exits
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,20 +10,19 @@ import abc
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import (
-    TYPE_CHECKING,
     Any,
     Dict,
+    Iterator,
     Mapping,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     Union,
 )
 
 from .errors import ErrorKind, InvalidParamsError, WorkerError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .stream import TokenStream
+from .events import EVENT_KINDS, FINISH_REASONS, TokenEvent, make_event
 
 __all__ = [
     "TaskRequest",
@@ -33,61 +32,21 @@ __all__ = [
     "WorkerProps",
     "EngineInfo",
     "WorkerAdapter",
+    "EventStream",
     "ErrorKind",
     "WorkerError",
     "EVENT_KINDS",
     "FINISH_REASONS",
     "U64_MAX",
+    "make_event",
 ]
 
-#: The event kinds a stream can carry, in the order they may appear.
-EVENT_KINDS = ("started", "token", "metrics", "end", "error")
-#: The values of ``end.finish_reason``.
-FINISH_REASONS = ("length", "eos_token", "stop_sequence", "cancelled")
 #: Seeds are unsigned 64-bit on the engine side.
 U64_MAX = (1 << 64) - 1
 
 WORKLOADS = ("completion",)
 PRIORITIES = ("interactive", "batch")
 DETERMINISM = ("strict", "best_effort")
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One event of a token stream: ``kind`` is one of :data:`EVENT_KINDS`.
-
-    ``data`` holds the keys of the contract's event table (``t`` and ``i`` for
-    tokens, ``code``/``message``/``retriable``/``retry_after_ms``/``engine`` for
-    errors, and so on).
-    """
-
-    __slots__ = ("kind", "data")
-    kind: str
-    data: Dict[str, Any]
-
-    def __reduce__(self) -> Tuple[Any, ...]:
-        # Frozen slotted dataclasses cannot be unpickled by setattr before 3.11.
-        return (TokenEvent, (self.kind, self.data))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """``{"kind": ..., "data": ...}``, ready for ``json.dumps``."""
-        return {"kind": self.kind, "data": self.data}
-
-
-# The per-token path builds one event per token; going through the frozen
-# dataclass __init__ (object.__setattr__ per field) costs twice as much as
-# setting the two slots directly.
-_new_object = object.__new__
-_set_kind = vars(TokenEvent)["kind"].__set__
-_set_data = vars(TokenEvent)["data"].__set__
-
-
-def make_event(kind: str, data: Dict[str, Any]) -> TokenEvent:
-    """Build a :class:`TokenEvent` without the frozen-dataclass overhead."""
-    event: TokenEvent = _new_object(TokenEvent)
-    _set_kind(event, kind)
-    _set_data(event, data)
-    return event
 
 
 def _bad(field_name: str, problem: str) -> InvalidParamsError:
@@ -407,6 +366,30 @@ class EngineInfo:
         return version
 
 
+class EventStream(Protocol):
+    """What :meth:`WorkerAdapter.submit` returns: the task's events, in contract order.
+
+    An iterator and a context manager; ``cancel()`` stops the task and
+    ``close()`` also releases what the stream holds. ``collect()`` reads it to
+    its end: ``(text, end_data)``, or raises the stream's ``WorkerError``.
+    """
+
+    task_id: str
+
+    def __iter__(self) -> Iterator[TokenEvent]: ...
+
+    def __next__(self) -> TokenEvent: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def collect(self) -> Tuple[str, Dict[str, Any]]: ...
+
+
 class WorkerAdapter(abc.ABC):
     """The contract every engine adapter implements for the orchestrator."""
 
@@ -419,7 +402,7 @@ class WorkerAdapter(abc.ABC):
         """Capacity and limits for placement decisions."""
 
     @abc.abstractmethod
-    def submit(self, task: TaskRequest, correlation_id: Optional[str] = None) -> TokenStream:
+    def submit(self, task: TaskRequest, correlation_id: Optional[str] = None) -> EventStream:
         """Start ``task`` and return its stream of :class:`TokenEvent`."""
 
     @abc.abstractmethod

@@ -9,10 +9,9 @@ orchestrator never has to look inside a ``requests`` or ``urllib3`` exception.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .contract import TokenEvent
+from .events import TokenEvent, make_event
 
 __all__ = [
     "ErrorKind",
@@ -117,8 +116,6 @@ class WorkerError(Exception):
 
     def to_event(self) -> TokenEvent:
         """This error as the stream's terminal ``error`` :class:`TokenEvent`."""
-        from .contract import make_event
-
         return make_event("error", self.to_event_data())
 
     def to_envelope(self) -> Dict[str, Any]:

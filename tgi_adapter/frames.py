@@ -15,8 +15,8 @@ import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .contract import TokenEvent, make_event
 from .errors import WorkerError
+from .events import TokenEvent, make_event
 from .mapping import (
     error_for,
     error_from_frame,
@@ -144,6 +144,11 @@ class FrameMapper:
                 },
             )
         )
+
+    @property
+    def frames_seen(self) -> int:
+        """Token frames received so far, emitted or not (special and empty ones included)."""
+        return self._frames
 
     @property
     def text(self) -> str:

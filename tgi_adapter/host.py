@@ -2,11 +2,12 @@
 
 The host is an in-process registry of ``(pool_id, replica_id) → adapter``
 and a router. ``submit(pool_id, task)`` returns a :class:`HostStream` at once;
-the replica is chosen when the consumer takes the first event, and a replica
-that fails retriably before ``started`` is skipped for another one. After
+the replica is chosen when the first event is asked for, and a replica that
+fails retriably before ``started`` is skipped for another one. After
 ``started`` the replica's events pass through untouched. The stream's side
-lives in :mod:`tgi_adapter.host_stream`; the pure parts (the breaker, the
-choice) in :mod:`tgi_adapter.breaker`.
+lives in :mod:`tgi_adapter.host_stream`, which sees the host only through the
+:class:`~tgi_adapter.host_stream.Placement` it is given; the pure parts (the
+breaker, the choice) live in :mod:`tgi_adapter.breaker`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
+from . import runtime
 from .breaker import BreakerState, CircuitBreaker, Outcome, check_breaker_settings, choose_replica
 from .contract import TaskLike, WorkerAdapter, WorkerHealth, WorkerProps, as_task
 from .errors import (
@@ -27,8 +29,7 @@ from .errors import (
     PoolUnreadyError,
     WorkerError,
 )
-from .host_stream import HostStream, _Attempt
-from .stream import StreamChannel, TokenStream
+from .host_stream import HostStream, Lease
 
 __all__ = ["AdapterHost", "HostStream", "ReplicaStatus", "UnknownReplicaError"]
 
@@ -107,6 +108,41 @@ class _Lease:
     judged: bool = False
     released: bool = False
 
+    @property
+    def replica_id(self) -> str:
+        return self.replica.replica_id
+
+    @property
+    def adapter(self) -> WorkerAdapter:
+        return self.replica.adapter
+
+    @property
+    def binding(self) -> object:
+        return self.replica
+
+
+class _Placement:
+    """The host as its streams see it (see :class:`~tgi_adapter.host_stream.Placement`)."""
+
+    __slots__ = ("_host",)
+
+    def __init__(self, host: AdapterHost) -> None:
+        self._host = host
+
+    def route(self, pool_id: str, tried: Set[object]) -> Union[_Lease, WorkerError]:
+        return self._host._route(pool_id, tried)
+
+    def settle(self, lease: Lease, outcome: Outcome) -> Optional[Tuple[str, str]]:
+        assert isinstance(lease, _Lease)
+        return self._host._settle(lease, outcome)
+
+    def release(self, lease: Lease) -> None:
+        assert isinstance(lease, _Lease)
+        self._host._release(lease)
+
+    def forget(self, stream: HostStream) -> None:
+        self._host._forget(stream)
+
 
 def _check_id(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
@@ -146,6 +182,8 @@ class AdapterHost:
         self._draining: List[_Replica] = []
         self._positions = 0
         self._closed = False
+        self._placement = _Placement(self)
+        runtime.hold()
 
     def __repr__(self) -> str:
         with self._lock:
@@ -251,9 +289,9 @@ class AdapterHost:
                     f"invalid task field 'task_id': {task.task_id!r} is already in flight in pool {pool_id!r}",
                     advice="use a new task_id per task",
                 )
-            stream = HostStream(self, pool_id, task, cid, deadline, self._clock)
+            stream = HostStream(self._placement, pool_id, task, cid, deadline, self._clock)
             tasks[task.task_id] = stream
-        stream._log("submitted to pool %s", pool_id)
+        stream._route.log("submitted to pool %s", pool_id)
         return stream
 
     def cancel(self, pool_id: str, task_id: str) -> None:
@@ -262,12 +300,11 @@ class AdapterHost:
             tasks = self._tasks.get(pool_id)
             stream = tasks.get(task_id) if tasks is not None else None
         if stream is not None:
-            stream._log("cancel")
+            stream._route.log("cancel")
             stream.cancel()
 
-    def _route(self, stream: HostStream, tried: Set[_Replica]) -> Union[_Lease, WorkerError]:
+    def _route(self, pool_id: str, tried: Set[object]) -> Union[_Lease, WorkerError]:
         """Claim the best replica not yet tried, or the error saying why there is none."""
-        pool_id = stream.pool_id
         with self._lock:
             replicas = [r for r in self._pools.get(pool_id, {}).values() if r not in tried]
         for replica in replicas:
@@ -337,17 +374,15 @@ class AdapterHost:
         finally:
             replica.refresh_lock.release()
 
-    def _settle(self, stream: HostStream, lease: _Lease, outcome: Outcome) -> None:
-        """Tell the replica's breaker how the attempt went (once per attempt)."""
+    def _settle(self, lease: _Lease, outcome: Outcome) -> Optional[Tuple[str, str]]:
+        """Tell the replica's breaker how the attempt went (once per attempt); its change of state, if any."""
         replica = lease.replica
         with self._lock:
             if lease.judged:
-                return
+                return None
             lease.judged = True
             change = replica.breaker.record(outcome, self._clock(), lease.trial)
-        if change is not None:
-            stream._log("replica %s breaker %s -> %s", replica.replica_id, change[0].value, change[1].value,
-                        replica=replica)
+        return None if change is None else (change[0].value, change[1].value)
 
     def _release(self, lease: _Lease) -> None:
         """An attempt ended: free its claim, and close a retired adapter that has drained."""
@@ -365,30 +400,12 @@ class AdapterHost:
         if close_now:
             _close_adapter(replica)
 
-    def _stream_done(self, token_stream: TokenStream) -> None:
-        """``on_done`` of every :class:`HostStream`: the consumer took its terminal event or closed it."""
-        assert isinstance(token_stream, HostStream)
+    def _forget(self, stream: HostStream) -> None:
+        """A stream's consumer is done with it: the task id may be used again."""
         with self._lock:
-            tasks = self._tasks.get(token_stream.pool_id)
-            if tasks is not None and tasks.get(token_stream.task_id) is token_stream:
-                del tasks[token_stream.task_id]
-        self._abandon(token_stream._channel, token_stream._attempt)
-
-    def _abandon(self, channel: StreamChannel, attempt: _Attempt) -> None:
-        """Finish with an attempt for good (also the finalizer of a stream dropped unfinished)."""
-        with attempt.lock:
-            attempt.done = True
-            lease, inner = attempt.lease, attempt.inner
-            attempt.lease = None
-        if inner is not None and not inner.finished:
-            channel.cancel()
-            inner.close()
-        if lease is not None:
-            with self._lock:
-                if not lease.judged:
-                    lease.judged = True
-                    lease.replica.breaker.record(Outcome.NEUTRAL, self._clock(), lease.trial)
-            self._release(lease)
+            tasks = self._tasks.get(stream.pool_id)
+            if tasks is not None and tasks.get(stream.task_id) is stream:
+                del tasks[stream.task_id]
 
     # -- pool-wide views -----------------------------------------------------------
 
@@ -455,7 +472,7 @@ class AdapterHost:
     def close(self) -> None:
         """Cancel every stream in flight and close every adapter (bound or draining)."""
         with self._lock:
-            self._closed = True
+            was_closed, self._closed = self._closed, True
             streams = [s for tasks in self._tasks.values() for s in list(tasks.values())]
             replicas = [r for r in self._all_replicas() if not r.closed]
             for replica in replicas:
@@ -466,6 +483,8 @@ class AdapterHost:
             stream.cancel()
         for replica in replicas:
             _close_adapter(replica)
+        if not was_closed:
+            runtime.release()
 
     def __enter__(self) -> AdapterHost:
         return self

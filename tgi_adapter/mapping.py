@@ -25,6 +25,7 @@ __all__ = [
     "ROUTE_TABLE",
     "SAMPLER_PROFILES",
     "error_for",
+    "error_for_failure",
     "error_from_status",
     "error_from_frame",
     "error_from_openai_frame",
@@ -134,6 +135,40 @@ def error_for(
         retry_after_ms=retry_after_ms,
         advice=rule.advice,
     )
+
+
+#: What a transport failure (see ``transport.FAILURE_CAUSES``) means: the error
+#: table's row, and the detail shown instead of the exception's own text
+#: (``None``: show the exception's text).
+_FAILURE_RULES: Dict[str, Tuple[str, Optional[str]]] = {
+    "tls": ("tls", None),
+    "proxy": ("proxy", None),
+    "dns": ("connect_failed", "the host name did not resolve"),
+    "refused": ("connect_failed", "connection refused"),
+    "connect": ("connect_failed", None),
+    "connect_timeout": ("connect_failed", "connect timed out"),
+    "invalid_url": ("connect_failed", None),
+    "reset": ("reset", None),
+}
+
+
+def error_for_failure(
+    cause: str, detail: str, *, phase: str, secrets: Sequence[Optional[str]] = ()
+) -> WorkerError:
+    """The :class:`WorkerError` for a transport failure of ``cause``.
+
+    ``phase`` is ``"connect"`` (no response yet) or ``"read"`` (a body was
+    streaming). An unexplained broken connection means the engine could not be
+    reached before a response, and that the stream broke off after one. Read
+    timeouts are the caller's to name (first token, token idle or deadline).
+    """
+    if cause == "broken" or cause == "read_timeout":
+        return error_for("connect_failed" if phase == "connect" else "reset", detail, secrets=secrets)
+    rule = _FAILURE_RULES.get(cause)
+    if rule is None:
+        return error_for("server_error", detail, secrets=secrets)
+    key, shown = rule
+    return error_for(key, shown or detail, retriable=False if cause == "invalid_url" else None, secrets=secrets)
 
 
 _FIT_MESSAGES = re.compile(

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import WorkerError
 from .mapping import error_for, result_from_body
-from .reader import CancelWatch, Request, open_response, status_error
+from .reader import CancelWatch, Request, error_for_exception, open_response, status_error
 from .stream import StreamChannel
-from .transport import BodyReader, is_timeout, translate_exception
+from .transport import BodyReader, is_timeout
 
 __all__ = ["Answer", "call_once"]
 
@@ -52,7 +52,7 @@ def call_once(
                 return None
             if is_timeout(exc) and clock() >= deadline - 0.001:
                 return error_for("deadline", "waiting for the answer")
-            error = translate_exception(exc, phase="connect", secrets=secrets)
+            error = error_for_exception(exc, phase="connect", secrets=secrets)
             if error.retriable:
                 on_connect_failure()
             return error
@@ -105,6 +105,6 @@ def _read_all(
             return None
         if is_timeout(exc):
             return error_for("deadline", "waiting for the answer")
-        return translate_exception(exc, phase="read", secrets=secrets)
+        return error_for_exception(exc, phase="read", secrets=secrets)
     reader.release()
     return b"".join(parts)

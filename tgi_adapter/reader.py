@@ -18,23 +18,25 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import requests
 
-from .contract import TokenEvent
 from .errors import InternalError, WorkerError
+from .events import TokenEvent
 from .frames import FrameMapper
-from .mapping import error_for, error_from_status
+from .mapping import error_for, error_for_failure, error_from_status
 from .retry import RetryPolicy, Timeouts, retry_after_ms_from_headers
 from .sse import FrameTooLarge, SseDecoder
 from .stream import StreamChannel
-from .transport import (
-    BodyReader,
-    is_connect_timeout,
-    is_timeout,
-    shutdown_socket,
-    socket_hook,
-    translate_exception,
-)
+from .transport import BodyReader, classify_failure, shutdown_socket, socket_hook
 
-__all__ = ["Attempts", "CancelWatch", "Request", "StreamReader", "open_response", "read_error_body", "status_error"]
+__all__ = [
+    "Attempts",
+    "CancelWatch",
+    "Request",
+    "StreamReader",
+    "error_for_exception",
+    "open_response",
+    "read_error_body",
+    "status_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,12 @@ def open_response(
     """Send ``request`` with its socket watched from the moment it exists; raises what sending raises."""
     with socket_hook(watch.watch):
         return request.send(connect_timeout, read_timeout)
+
+
+def error_for_exception(exc: BaseException, *, phase: str, secrets: Sequence[Optional[str]]) -> WorkerError:
+    """The contract's error for what the transport raised (``phase``: "connect" or "read")."""
+    cause, detail = classify_failure(exc)
+    return error_for_failure(cause, detail, phase=phase, secrets=secrets)
 
 
 def status_error(request: Request, response: requests.Response) -> WorkerError:
@@ -226,6 +234,8 @@ class StreamReader:
             log.exception("task %s: the stream reader failed", channel.task_id)
             channel.stats["outcome"] = "INTERNAL"
             channel.put([InternalError(f"the adapter's stream reader failed: {type(exc).__name__}").to_event()])
+        finally:
+            channel.reader_finished()
 
     # -- one attempt -------------------------------------------------------------
 
@@ -258,9 +268,9 @@ class StreamReader:
             watch.disarm()
 
     def _send_failed(self, exc: BaseException, t_sent: float) -> WorkerError:
-        if is_timeout(exc) and not is_connect_timeout(exc):
+        if classify_failure(exc).cause == "read_timeout":
             return self._timer_error(t_sent, progressed=False, where="waiting for the response headers")
-        error = translate_exception(exc, phase="connect", secrets=self.request.secrets)
+        error = error_for_exception(exc, phase="connect", secrets=self.request.secrets)
         if self.on_connect_failure is not None and error.retriable:
             self.on_connect_failure()
         if self.clock() >= self.deadline:
@@ -303,7 +313,7 @@ class StreamReader:
             except Exception as exc:
                 if channel.cancelled:
                     break
-                return self._fail(mapper, body, translate_exception(exc, phase="read", secrets=self.request.secrets))
+                return self._fail(mapper, body, error_for_exception(exc, phase="read", secrets=self.request.secrets))
             if not data:
                 if channel.cancelled:
                     break
@@ -332,7 +342,7 @@ class StreamReader:
         # A timer expired, or the stream was cancelled.
         body.abort()
         if channel.cancelled:
-            channel.stats["outcome"] = "cancelled"
+            self._record(mapper, "cancelled")
             return None
         error = self._timer_error(t_sent, progressed=progressed, where="waiting for the first data frame")
         return self._fail(mapper, None, error)
@@ -341,6 +351,7 @@ class StreamReader:
         if body is not None:
             body.abort()
         if self.channel.cancelled:
+            self._record(mapper, "cancelled")
             return None
         if not mapper.started_sent:
             return error  # nothing was emitted: the retry loop decides
@@ -385,7 +396,8 @@ class StreamReader:
         stats = self.channel.stats
         stats["outcome"] = outcome
         stats["tokens_in"] = mapper.tokens_in
-        stats["tokens_out"] = mapper.tokens_out if mapper.done else len(mapper.texts)
+        # What the wire carried: the engine's own count once it ended, else the token frames seen.
+        stats["tokens_out"] = mapper.tokens_out if mapper.done else mapper.frames_seen
         stats["decode_ms"] = mapper.decode_ms
         if mapper.t_first is not None:
             stats["latency_first_token_ms"] = int(round((mapper.t_first - mapper.t_submit) * 1000))

@@ -1,12 +1,21 @@
-"""The consumer's side of a stream: ``TokenStream``, fed by one reader thread.
+"""The consumer's side of a stream: ``TokenStream`` and the channel that feeds it.
 
-The reader thread owns the connection and puts *batches* of events (all the
-events one network read produced) on a ``SimpleQueue``; the consumer pops a
-batch and hands its events out one by one, so the queue is touched once per
-read, not once per token. Cancellation is a flag the consumer checks before
-it hands out each event, plus whatever the reader needs to stop at once
-(shutting its socket down): after ``cancel()`` returns, no further token is
-handed out and the stream ends with ``end`` / ``"cancelled"``.
+Whatever reads the engine (the shared reader, a fallback thread, a mock)
+puts *batches* of events (all the events one network read produced) on the
+channel's ``SimpleQueue``; the consumer pops a batch and hands its events out
+one by one, so the queue is touched once per read, not once per token.
+
+Cancellation is a flag the consumer checks before it hands out each event,
+plus whatever the reader registered to stop at once (shutting its socket
+down). After ``cancel()`` or ``close()`` returns, no further token is handed
+out, and whichever thread iterates, now or later, gets ``started`` (if not
+yet given) and exactly one terminal event: ``end`` "cancelled". ``close()``
+never takes events itself, so it can race an iterating thread safely.
+
+A task is over for the metrics when both sides are done: the consumer (its
+terminal event handed out, or the stream closed) and the reader (its last
+byte read or its socket closed), so what the wire carried is counted even
+for a task cancelled mid-stream.
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .contract import TokenEvent, make_event
 from .errors import DeadlineUnmetError, WorkerError
+from .events import TokenEvent, make_event
 
 __all__ = ["TokenStream", "StreamChannel"]
 
@@ -33,13 +42,30 @@ _GRACE_S = 2.0
 
 
 class StreamChannel:
-    """State shared by a stream's reader thread and its consumer.
+    """State shared by a stream's reader and its consumer.
 
-    The reader calls :meth:`put` with lists of events and must end with a list
-    whose last event is terminal. Anyone may call :meth:`cancel`.
+    The reader calls :meth:`put` with lists of events, ends with a list whose
+    last event is terminal, and then calls :meth:`reader_finished`. Anyone may
+    call :meth:`cancel`. ``notify`` (if set) is called after every put, from
+    the putting thread: a :class:`~tgi_adapter.StreamSet` or a forwarding
+    stream learns there is something to take without polling.
     """
 
-    __slots__ = ("queue", "cancelled", "abort", "_closers", "_lock", "task_id", "stats")
+    __slots__ = (
+        "queue",
+        "cancelled",
+        "abort",
+        "_closers",
+        "_lock",
+        "task_id",
+        "stats",
+        "notify",
+        "on_settled",
+        "_pending_parts",
+        "natural_end",
+        "reader_done",
+        "_consumer_done",
+    )
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -47,13 +73,25 @@ class StreamChannel:
         self.stats: Dict[str, Any] = {"retries": 0}
         self.queue: queue.SimpleQueue[List[TokenEvent]] = queue.SimpleQueue()
         self.cancelled = False
-        #: Set on cancel; the reader waits on it instead of sleeping.
+        #: Set on cancel; a blocking reader waits on it instead of sleeping.
         self.abort = threading.Event()
+        #: Set when the reader is done with the stream (last event put, socket released or closed).
+        self.reader_done = threading.Event()
+        self.notify: Optional[Callable[[], None]] = None
+        #: Called once when both sides are done, with the channel.
+        self.on_settled: Optional[Callable[[StreamChannel], None]] = None
+        #: Whether the consumer's terminal event was the engine's own (not a cancellation).
+        self.natural_end = False
+        self._pending_parts = 2
+        self._consumer_done = False
         self._closers: List[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     def put(self, events: List[TokenEvent]) -> None:
         self.queue.put(events)
+        notify = self.notify
+        if notify is not None:
+            notify()
 
     def on_cancel(self, closer: Callable[[], None]) -> Callable[[], None]:
         """Run ``closer`` at cancel (now, if already cancelled); returns an unregister function."""
@@ -81,8 +119,39 @@ class StreamChannel:
         self.abort.set()
         for closer in closers:
             _run_quietly(closer)
-        self.queue.put([])  # wake a consumer blocked on an empty queue
+        self.put([])  # wake a consumer blocked on an empty queue
         return True
+
+    def abandon(self) -> None:
+        """The stream object is gone without being finished: cancel, and count the consumer as done."""
+        self.cancel()
+        self.consumer_finished(False)
+
+    def reader_finished(self) -> None:
+        """The reader's last act: nothing more will be put, its connection is settled."""
+        self._settle_part()
+        self.reader_done.set()
+
+    def consumer_finished(self, natural: bool) -> bool:
+        """The consumer is done (terminal event handed out, or closed); False if it already was.
+
+        ``natural``: the terminal event was the engine's own, not a cancellation.
+        The first call wins, so ``close()`` racing the iterating thread counts once.
+        """
+        with self._lock:
+            if self._consumer_done:
+                return False
+            self._consumer_done = True
+            self.natural_end = natural
+        self._settle_part()
+        return True
+
+    def _settle_part(self) -> None:
+        with self._lock:
+            self._pending_parts -= 1
+            settled = self._pending_parts == 0
+        if settled and self.on_settled is not None:
+            self.on_settled(self)
 
 
 def _run_quietly(fn: Callable[[], None]) -> None:
@@ -108,7 +177,6 @@ class TokenStream:
         *,
         started_data: Dict[str, Any],
         deadline: float,
-        thread: Optional[threading.Thread] = None,
         on_done: Optional[Callable[[TokenStream], None]] = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -116,17 +184,18 @@ class TokenStream:
         self._channel = channel
         self._started_data = started_data
         self._deadline = deadline
-        self._thread = thread
         self._on_done = on_done
         self._clock = clock
         self._buf: List[TokenEvent] = []
         self._pos = 0
         self._started_given = False
         self._finished = False
+        #: Set while a StreamSet consumes this stream (direct iteration is refused then).
+        self._owner: Optional[object] = None
 
     def __repr__(self) -> str:
         state = "finished" if self._finished else "cancelled" if self._channel.cancelled else "open"
-        return f"<TokenStream task_id={self.task_id!r} {state}>"
+        return f"<{type(self).__name__} task_id={self.task_id!r} {state}>"
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self
@@ -143,6 +212,8 @@ class TokenStream:
         return self._refill()
 
     def _refill(self) -> TokenEvent:
+        if self._owner is not None:
+            raise ValueError(f"stream {self.task_id!r} belongs to a StreamSet: take its events from the set")
         while True:
             if self._finished:
                 raise StopIteration
@@ -158,6 +229,45 @@ class TokenStream:
                 self._pos = 1
                 return self._deliver(batch[0])
 
+    def _claim(self, owner: object, notify: Callable[[], None]) -> None:
+        """Hand this stream's events to ``owner`` (a StreamSet, a host stream): ``notify`` runs after each put.
+
+        From then on ``owner`` takes them with :meth:`_take_ready`; iterating
+        the stream directly raises ``ValueError``.
+        """
+        if self._owner is not None:
+            raise ValueError(f"stream {self.task_id!r} already belongs to a StreamSet")
+        self._owner = owner
+        self._channel.notify = notify
+        notify()  # for whatever arrived before
+
+    def _take_ready(self, out: List[TokenEvent]) -> None:
+        """Append every event ready now, without waiting (the :class:`StreamSet` side of ``next()``)."""
+        get = self._channel.queue.get_nowait
+        while not self._finished:
+            pos = self._pos
+            buf = self._buf
+            if pos < len(buf):
+                event = buf[pos]
+                self._pos = pos + 1
+                if event.kind is _TOKEN and not self._channel.cancelled:
+                    out.append(event)
+                else:
+                    out.append(self._deliver(event))
+                continue
+            if self._channel.cancelled:
+                out.append(self._cancelled_tail())
+                continue
+            try:
+                self._buf = get()
+            except queue.Empty:
+                return
+            self._pos = 0
+
+    def _overdue(self, now: float) -> bool:
+        """Whether the reader has been silent past the deadline and its grace."""
+        return not self._finished and now >= self._deadline + _GRACE_S
+
     def _deliver(self, event: TokenEvent) -> TokenEvent:
         if self._channel.cancelled:
             return self._cancelled_tail()
@@ -165,10 +275,11 @@ class TokenStream:
         if kind == "started":
             self._started_given = True
         elif kind in _TERMINAL:
-            self._finish()
+            self._finish(natural=True)
         return event
 
     def _cancelled_tail(self) -> TokenEvent:
+        """What a cancelled stream hands out: ``started`` if not given yet, then ``end`` "cancelled"."""
         self._buf = []
         self._pos = 0
         if not self._started_given:
@@ -176,7 +287,7 @@ class TokenStream:
             return make_event("started", self._started_data)
         if self._finished:
             raise StopIteration
-        self._finish()
+        self._finish(natural=False)
         return make_event(
             "end",
             {
@@ -191,18 +302,21 @@ class TokenStream:
 
     def _reader_lost(self) -> TokenEvent:
         log.warning("task %s: no event from the reader past the deadline; giving up on it", self.task_id)
+        self._channel.stats["outcome"] = "DEADLINE_UNMET"
         self._channel.cancel()
-        self._finish()
+        self._finish(natural=True)
         self._buf = []
         return DeadlineUnmetError("the task's deadline passed with no answer from the reader").to_event()
 
-    def _finish(self) -> None:
+    def _finish(self, *, natural: bool) -> None:
         self._finished = True
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            # The terminal event is the reader's last act; this join is brief.
-            thread.join(timeout=1.0)
-        on_done, self._on_done = self._on_done, None
+        self._release(natural)
+
+    def _release(self, natural: bool) -> None:
+        """The consumer's side is done: tell the owner (once, whichever thread gets here first)."""
+        if not self._channel.consumer_finished(natural):
+            return
+        on_done = self._on_done
         if on_done is not None:
             on_done(self)
 
@@ -224,22 +338,18 @@ class TokenStream:
             self._channel.cancel()
 
     def close(self) -> None:
-        """Cancel if still running and release everything; waits briefly for the reader."""
+        """Cancel if still running and release what the stream holds.
+
+        It never takes events: a thread iterating now or later still gets
+        ``started`` (if not yet given) and ``end`` "cancelled".
+        """
         if not self._finished:
             self._channel.cancel()
-            # Nobody will take the terminal event now: drain what the caller
-            # would see so the registry forgets this stream.
-            self._buf = []
-            self._started_given = True
-            self._finish()
+            self._release(natural=False)
 
     def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the reader thread to end; True if it has."""
-        thread = self._thread
-        if thread is None:
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
+        """Wait until the reader is done with the stream (socket released or closed); True if it is."""
+        return self._channel.reader_done.wait(timeout)
 
     def collect(self) -> Tuple[str, Dict[str, Any]]:
         """Read the stream to its end: ``(text, end_data)``, or raise its ``WorkerError``."""

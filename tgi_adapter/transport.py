@@ -11,8 +11,9 @@ its users expect). Two things are added, both through documented hooks:
   from the socket's buffered reader and undoes the chunked framing itself,
   instead of ``http.client``'s one-chunk-per-call reads.
 
-Every exception from requests or urllib3 is translated here, at one
-boundary, into a :class:`~tgi_adapter.WorkerError`.
+Every exception from requests or urllib3 is classified here into a
+:class:`Failure` (a fact about the transport); what it means for the
+contract is the mapping module's business.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import requests
 import requests.adapters
@@ -31,15 +32,16 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .chunked import ChunkedDecoder, ChunkedError
-from .errors import WorkerError
-from .mapping import error_for
 
 __all__ = [
     "make_session",
     "socket_hook",
     "BodyReader",
     "IncompleteBody",
-    "translate_exception",
+    "Failure",
+    "FAILURE_CAUSES",
+    "classify_failure",
+    "is_timeout",
     "shutdown_socket",
 ]
 
@@ -121,6 +123,15 @@ class _Adapter(requests.adapters.HTTPAdapter):
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         manager.pool_classes_by_scheme = _POOL_CLASSES
         return manager
+
+    def close(self) -> None:
+        # urllib3 2 no longer closes a pool when its manager is cleared: the
+        # idle kept-alive sockets would wait for the garbage collector.
+        managers = [self.poolmanager, *self.proxy_manager.values()]
+        pools = [manager.pools[key] for manager in managers for key in manager.pools.keys()]
+        super().close()
+        for pool in pools:
+            pool.close()
 
 
 def make_session(pool_maxsize: int) -> requests.Session:
@@ -340,44 +351,63 @@ def _chain(exc: BaseException) -> Sequence[BaseException]:
     return seen
 
 
-def translate_exception(exc: BaseException, *, phase: str, secrets: Sequence[Optional[str]] = ()) -> WorkerError:
-    """The :class:`WorkerError` for an exception raised by requests/urllib3/sockets.
+class Failure(NamedTuple):
+    """What went wrong under a request, as the transport sees it (no contract code yet).
 
-    ``phase`` is ``"connect"`` (before the response), ``"read"`` (while the
-    body streams) or ``"headers"``; a timeout's meaning depends on it, and the
-    caller turns ``"timeout"`` results into the right timer's code.
+    ``cause`` is one of :data:`FAILURE_CAUSES`; ``detail`` is the exception's
+    own account, not yet redacted.
+    """
+
+    cause: str
+    detail: str
+
+
+#: The causes :func:`classify_failure` reports.
+FAILURE_CAUSES = (
+    "tls", "proxy", "dns", "refused", "connect", "connect_timeout", "read_timeout", "invalid_url", "reset",
+    "broken", "unknown",
+)
+
+
+def classify_failure(exc: BaseException) -> Failure:
+    """The :class:`Failure` behind an exception raised by requests, urllib3 or a socket.
+
+    The order matters: urllib3's ``NewConnectionError`` (refused, unreachable)
+    and ``NameResolutionError`` subclass ``ConnectTimeoutError``, so they are
+    told apart before any timeout is considered.
     """
     chain = _chain(exc)
     text = str(exc)
-    if any(isinstance(e, (ssl.SSLError, ssl.CertificateError)) for e in chain) or isinstance(
-        exc, requests.exceptions.SSLError
-    ):
-        return error_for("tls", _tls_detail(chain), secrets=secrets)
-    if isinstance(exc, requests.exceptions.ProxyError) or any(
-        isinstance(e, urllib3.exceptions.ProxyError) for e in chain
-    ):
-        return error_for("proxy", text, secrets=secrets)
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
-        isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in chain
-    ):
-        return error_for("connect_failed", "connect timed out", secrets=secrets)
-    if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
-        return error_for("connect_failed", "the host name did not resolve", secrets=secrets)
-    if any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain) or any(
-        isinstance(e, ConnectionRefusedError) for e in chain
-    ):
-        return error_for("connect_failed", "connection refused", secrets=secrets)
+
+    def first(*types: type) -> Optional[BaseException]:
+        return next((e for e in chain if isinstance(e, types)), None)
+
+    if first(ssl.SSLError, ssl.CertificateError) is not None or isinstance(exc, requests.exceptions.SSLError):
+        return Failure("tls", _tls_detail(chain))
+    if isinstance(exc, requests.exceptions.ProxyError) or first(urllib3.exceptions.ProxyError) is not None:
+        return Failure("proxy", text)
+    if first(urllib3.exceptions.NameResolutionError, socket.gaierror) is not None:
+        return Failure("dns", "the host name did not resolve")
+    if first(ConnectionRefusedError) is not None:
+        return Failure("refused", "connection refused")
+    new_connection = first(urllib3.exceptions.NewConnectionError)
+    if new_connection is not None:
+        cause = first(OSError)
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(new_connection)
+        return Failure("connect", reason)
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or first(urllib3.exceptions.ConnectTimeoutError):
+        return Failure("connect_timeout", "connect timed out")
+    if first(socket.timeout, urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) is not None:
+        return Failure("read_timeout", "no answer in time")
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema)):
-        return error_for("connect_failed", text, retriable=False, secrets=secrets)
-    if isinstance(exc, IncompleteBody) or isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return error_for("reset", text, secrets=secrets)
-    if any(isinstance(e, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)) for e in chain):
-        return error_for("reset", "the engine closed the connection", secrets=secrets)
+        return Failure("invalid_url", text)
+    if isinstance(exc, (IncompleteBody, requests.exceptions.ChunkedEncodingError)):
+        return Failure("reset", text)
+    if first(ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) is not None:
+        return Failure("reset", "the engine closed the connection")
     if isinstance(exc, (requests.exceptions.ConnectionError, urllib3.exceptions.ProtocolError, OSError)):
-        # Before any response, an unexplained connection failure means the
-        # engine could not be reached; once a body streams, it broke off.
-        return error_for("connect_failed" if phase == "connect" else "reset", text, secrets=secrets)
-    return error_for("server_error", f"{type(exc).__name__}: {text}", secrets=secrets)
+        return Failure("broken", text)
+    return Failure("unknown", f"{type(exc).__name__}: {text}")
 
 
 def _tls_detail(chain: Sequence[BaseException]) -> str:
@@ -393,39 +423,5 @@ def _tls_detail(chain: Sequence[BaseException]) -> str:
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` is (or wraps) a read or connect timeout."""
-    return any(
-        isinstance(e, (socket.timeout, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout))
-        for e in _chain(exc)
-    )
-
-
-def is_connect_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` is a timeout while connecting (not while reading)."""
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or any(
-        isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in _chain(exc)
-    )
-
-
-def response_headers(response: requests.Response) -> Mapping[str, str]:
-    """The response's headers (case-insensitive mapping)."""
-    return response.headers
-
-
-def request_kwargs(
-    *, verify: Any, cert: Any, connect_timeout: float, read_timeout: float
-) -> Dict[str, Any]:
-    """The keyword arguments every request shares."""
-    kwargs: Dict[str, Any] = {
-        "timeout": (connect_timeout, read_timeout),
-        "verify": verify,
-        "allow_redirects": False,
-    }
-    if cert is not None:
-        kwargs["cert"] = cert
-    return kwargs
-
-
-def timeouts_pair(connect: float, read: float) -> Tuple[float, float]:
-    """A ``(connect, read)`` pair with both at least a millisecond."""
-    return max(connect, 0.001), max(read, 0.001)
+    """Whether ``exc`` is (or wraps) a read or connect timeout; a refused or unreachable connect is not."""
+    return classify_failure(exc).cause in ("connect_timeout", "read_timeout")

@@ -168,9 +168,7 @@ class MockAdapter(WorkerAdapter):
             name=f"mock-stream-{task.task_id}",
             daemon=True,
         )
-        stream = TokenStream(
-            task.task_id, channel, started_data=started, deadline=deadline, thread=thread, on_done=self._done
-        )
+        stream = TokenStream(task.task_id, channel, started_data=started, deadline=deadline, on_done=self._done)
         with self._lock:
             self._streams[task.task_id] = stream
         thread.start()
@@ -203,6 +201,19 @@ class MockAdapter(WorkerAdapter):
                 del self._streams[stream.task_id]
 
     def _produce(
+        self,
+        task: TaskRequest,
+        channel: StreamChannel,
+        started: Dict[str, Any],
+        fault: Optional[MockFault],
+        deadline: float,
+    ) -> None:
+        try:
+            self._script(task, channel, started, fault, deadline)
+        finally:
+            channel.reader_finished()
+
+    def _script(
         self,
         task: TaskRequest,
         channel: StreamChannel,
