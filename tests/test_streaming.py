@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
-from tgi_adapter import AdapterConfig, ErrorKind, TaskRequest, TgiHttpAdapter, TokenEvent, WorkerError
+from tgi_adapter import AdapterConfig, ErrorKind, TaskRequest, TgiHttpAdapter, TokenEvent, WorkerError, runtime
 from tgi_adapter.testing import FakeTgiServer, Fault
 
 MakeTask = Callable[..., TaskRequest]
@@ -196,7 +196,12 @@ def test_no_thread_or_socket_leaks_after_100_submit_cancel_cycles(make_task: Mak
             assert stream.join(timeout=5.0)
         assert adapter.in_flight == 0
         assert server.wait_for_disconnect(timeout=10.0, count=100)
-        assert threading.active_count() <= baseline + 3  # the server's acceptor and live connection
+        # No thread per stream: the shared reader and a few send workers at most, plus the
+        # server's acceptor and its live connection.
+        library = [t.name for t in threading.enumerate() if t.name.startswith("tgi-")]
+        assert all(name == "tgi-adapter-reader" or name.startswith("tgi-adapter-worker-") for name in library)
+        assert threading.active_count() <= baseline + 2 + len(library)
+        assert len(library) <= 1 + runtime.MAX_WORKERS
 
 
 def test_sequential_tasks_reuse_one_connection(

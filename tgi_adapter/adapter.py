@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from . import __about__, runtime
+from .attempts import Attempts, error_for_exception
 from .config import AdapterConfig, config_from_env
 from .contract import EngineInfo, TaskLike, TaskRequest, WorkerAdapter, WorkerHealth, WorkerProps, as_task
 from .errors import InvalidParamsError, PoolUnavailableError, WorkerError
@@ -32,11 +33,11 @@ from .mapping import (
 )
 from .metrics import MetricsRegistry, TaskRecord
 from .oneshot import call_once
-from .reader import Attempts, Request, StreamReader, error_for_exception
+from .reader import StreamReader
 from .redact import redact_text, short_hash
 from .retry import RetryPolicy
 from .stream import StreamChannel, TokenStream
-from .transport import SendPlan, is_timeout, make_session
+from .transport import Request, SendPlan, is_timeout, make_session
 
 __all__ = ["TgiHttpAdapter"]
 
@@ -139,6 +140,8 @@ class TgiHttpAdapter(WorkerAdapter):
         self._info_stale = False
         self._closed = False
         runtime.hold()
+        # Let go of the shared threads on close(), or when the adapter is collected unclosed.
+        self._held = weakref.finalize(self, runtime.release)
 
     @classmethod
     def from_env(
@@ -189,7 +192,7 @@ class TgiHttpAdapter(WorkerAdapter):
         The session is closed only if the adapter made it.
         """
         with self._lock:
-            was_closed, self._closed = self._closed, True
+            self._closed = True
             streams = list(self._streams.values())
             calls = list(self._calls.values())
             readers = list(self._readers)
@@ -203,8 +206,7 @@ class TgiHttpAdapter(WorkerAdapter):
             channel.reader_done.wait(max(0.0, give_up - time.monotonic()))
         if self._owns_session:
             self._session.close()
-        if not was_closed:
-            runtime.release()
+        self._held()
 
     def __enter__(self) -> TgiHttpAdapter:
         return self
@@ -388,8 +390,7 @@ class TgiHttpAdapter(WorkerAdapter):
         path, body = build_request(task, route=route, stream=stream, info=info, model=self.config.model)
         cid = correlation_id or str(uuid.uuid4())
         payload = json.dumps(body).encode("utf-8")
-        prepared, settings = self._plan.post(self._url(path), payload, {"X-Correlation-Id": cid})
-        request = Request(self._session, prepared, settings, self._secrets)
+        request = self._plan.post(self._url(path), payload, {"X-Correlation-Id": cid}, self._secrets)
         started = {
             "engine": "tgi",
             "engine_version": info.engine_version if info is not None else None,
@@ -454,10 +455,11 @@ class TgiHttpAdapter(WorkerAdapter):
             max_frame_bytes=self.config.max_frame_bytes,
             clock=self._clock,
             rng=self._rng,
-            wait=self._waiter(channel),
+            sleep=self._sleep,
             on_connect_failure=self._mark_info_stale,
+            reactor=runtime.reactor(),
+            workers=runtime.workers(),
         )
-        thread = threading.Thread(target=reader.run, name=f"tgi-stream-{task.task_id}", daemon=True)
         channel.on_settled = self._stream_settled
         stream = TokenStream(
             task.task_id,
@@ -473,7 +475,7 @@ class TgiHttpAdapter(WorkerAdapter):
             self._readers.add(channel)
         self.metrics.task_started(channel.stats["labels"])
         log.debug("task %s: submitted (correlation id %s)", task.task_id, started["correlation_id"])
-        thread.start()
+        reader.start()
         return stream
 
     def _waiter(self, channel: Optional[StreamChannel]) -> Callable[[float], bool]:

@@ -184,6 +184,7 @@ class AdapterHost:
         self._closed = False
         self._placement = _Placement(self)
         runtime.hold()
+        self._held = weakref.finalize(self, runtime.release)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -472,7 +473,7 @@ class AdapterHost:
     def close(self) -> None:
         """Cancel every stream in flight and close every adapter (bound or draining)."""
         with self._lock:
-            was_closed, self._closed = self._closed, True
+            self._closed = True
             streams = [s for tasks in self._tasks.values() for s in list(tasks.values())]
             replicas = [r for r in self._all_replicas() if not r.closed]
             for replica in replicas:
@@ -483,8 +484,7 @@ class AdapterHost:
             stream.cancel()
         for replica in replicas:
             _close_adapter(replica)
-        if not was_closed:
-            runtime.release()
+        self._held()
 
     def __enter__(self) -> AdapterHost:
         return self

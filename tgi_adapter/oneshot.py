@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+from .attempts import CancelWatch, error_for_exception, open_response, status_error
+from .body import BodyReader
 from .errors import WorkerError
 from .mapping import error_for, result_from_body
-from .reader import CancelWatch, Request, error_for_exception, open_response, status_error
 from .stream import StreamChannel
-from .transport import BodyReader, is_timeout
+from .transport import Request, is_timeout
 
 __all__ = ["Answer", "call_once"]
 
@@ -46,7 +47,7 @@ def call_once(
     watch = CancelWatch(channel)
     try:
         try:
-            response = open_response(request, watch, min(connect_timeout, remaining), remaining)
+            head = open_response(request, watch, min(connect_timeout, remaining), remaining)
         except Exception as exc:
             if channel.cancelled:
                 return None
@@ -56,9 +57,9 @@ def call_once(
             if error.retriable:
                 on_connect_failure()
             return error
-        if response.status_code != 200:
-            return status_error(request, response)
-        reader = BodyReader(response)
+        if head.status_code != 200:
+            return status_error(request, head)
+        reader = BodyReader(head)
         watch.watch_body(reader)
         body = _read_all(reader, channel, deadline, clock, secrets)
         if not isinstance(body, bytes):
@@ -68,7 +69,7 @@ def call_once(
             return result_from_body(
                 route,
                 json.loads(body),
-                response.headers,
+                head.headers,
                 engine_version=engine_version,
                 elapsed_ms=elapsed_ms,
                 sampled_seed=sampled_seed,

@@ -1,10 +1,11 @@
 """What the whole process shares: the background threads and who is using them.
 
 Adapters and hosts :func:`hold` the runtime while they are open. The shared
-threads (the workers that send requests and route tasks) linger while
-someone holds it, so the next task does not pay for a new thread, and end
-as soon as they are idle once nobody does: a process whose adapters are all
-closed runs none of the library's threads.
+threads (the reader that serves every open stream, and the workers that send
+requests and route tasks) linger while someone holds it, so the next task
+does not pay for a new thread, and end as soon as they are idle once nobody
+does: a process whose adapters are all closed runs none of the library's
+threads.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import os
 import threading
 from typing import Optional
 
+from .reactor import Reactor
 from .workers import WorkerPool
 
-__all__ = ["hold", "release", "workers", "LINGER_S", "MAX_WORKERS"]
+__all__ = ["hold", "release", "reactor", "workers", "LINGER_S", "MAX_WORKERS"]
 
 #: How long an idle shared thread waits for work while an adapter is open.
 LINGER_S = 5.0
@@ -27,6 +29,7 @@ _DRAIN_S = 0.05
 _lock = threading.Lock()
 _holders = 0
 _workers: Optional[WorkerPool] = None
+_reactor: Optional[Reactor] = None
 
 
 def _idle_s() -> float:
@@ -46,9 +49,11 @@ def release() -> None:
     with _lock:
         _holders = max(0, _holders - 1)
         last = _holders == 0
-        pool = _workers
+        pool, loop = _workers, _reactor
     if last and pool is not None:
         pool.nudge()
+    if last and loop is not None and loop.running:
+        loop.call_soon(_nothing)  # an idle loop looks at idle_s() again and ends
 
 
 def workers() -> WorkerPool:
@@ -63,12 +68,29 @@ def workers() -> WorkerPool:
     return pool
 
 
+def reactor() -> Reactor:
+    """The process's shared reader (made on first use)."""
+    global _reactor
+    loop = _reactor
+    if loop is None:
+        with _lock:
+            if _reactor is None:
+                _reactor = Reactor(_idle_s)
+            loop = _reactor
+    return loop
+
+
+def _nothing() -> None:
+    return None
+
+
 def _forget_after_fork() -> None:
     # Threads do not survive fork(): the child starts with a runtime of its own.
-    global _lock, _holders, _workers
+    global _lock, _holders, _workers, _reactor
     _lock = threading.Lock()
     _holders = 0
     _workers = None
+    _reactor = None
 
 
 if hasattr(os, "register_at_fork"):

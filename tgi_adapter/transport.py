@@ -1,15 +1,20 @@
-"""The HTTP seam: a requests ``Session`` over urllib3, and bulk body reads.
+"""The HTTP seam: sending a request over urllib3 (under a requests ``Session``) up to its headers.
 
 TLS, certificate checks, proxies, pooling and header parsing are urllib3's
 (through requests, which also gives the ``HTTPS_PROXY``/``NO_PROXY`` rules
 its users expect). Two things are added, both through documented hooks:
 
 * the connection classes report their socket to the thread that uses them,
-  so ``cancel()`` can shut it down even while the reader is blocked in
+  so ``cancel()`` can shut it down even while a thread is blocked in
   ``recv`` (closing a response from another thread does not wake it);
-* :class:`BodyReader` takes a streamed body's bytes in bulk with ``read1``
-  from the socket's buffered reader and undoes the chunked framing itself,
-  instead of ``http.client``'s one-chunk-per-call reads.
+* a request on the adapter's own session goes straight to the urllib3 pool
+  that requests would pick (same connection, TLS and proxy settings),
+  without ``Session.send``'s per-call hooks, cookie handling and response
+  building: sending hundreds of requests at once is on every stream's path
+  to its first token. A session of the user's, or a mocked one, is sent
+  through as it is.
+
+The body is :mod:`tgi_adapter.body`'s business.
 
 Every exception from requests or urllib3 is classified here into a
 :class:`Failure` (a fact about the transport); what it means for the
@@ -31,25 +36,20 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .chunked import ChunkedDecoder, ChunkedError
+from .body import Head, IncompleteBody
 
 __all__ = [
     "make_session",
     "socket_hook",
-    "BodyReader",
-    "IncompleteBody",
+    "SendPlan",
+    "Request",
     "Failure",
     "FAILURE_CAUSES",
     "classify_failure",
     "is_timeout",
-    "shutdown_socket",
 ]
 
 log = logging.getLogger(__name__)
-
-_READ_SIZE = 65536
-# How far past its bound the reader lets one socket read run, to spare a system call per frame.
-_TIMEOUT_SLACK_S = 0.001
 
 # -- socket capture -----------------------------------------------------------
 
@@ -165,10 +165,8 @@ class SendPlan:
         self.cert = cert
         self._plans: Dict[str, Tuple[requests.PreparedRequest, Dict[str, Any]]] = {}
 
-    def post(
-        self, url: str, body: bytes, headers: Mapping[str, str]
-    ) -> Tuple[requests.PreparedRequest, Dict[str, Any]]:
-        """A prepared POST of ``body`` with ``headers`` added, and the keyword arguments for ``Session.send``."""
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], secrets: Sequence[Optional[str]]) -> Request:
+        """A POST of ``body`` to ``url`` with ``headers`` added, ready to send (more than once if need be)."""
         plan = self._plans.get(url)
         if plan is None:  # a race makes two equal plans; either will do
             session = self.session
@@ -181,156 +179,80 @@ class SendPlan:
         assert prepared.headers is not None
         prepared.headers["Content-Length"] = str(len(body))
         prepared.headers.update(headers)
-        return prepared, settings
+        return Request(self.session, prepared, settings, secrets)
 
 
-def shutdown_socket(sock: socket.socket) -> None:
-    """Shut ``sock`` down both ways: wakes a blocked reader and tells the peer now."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed or never connected
+# requests' own HTTPAdapter.send, as long as nothing (a mocking library, say) replaced it.
+_GENUINE_SEND = requests.adapters.HTTPAdapter.send
 
 
-# -- body reading ---------------------------------------------------------------
+class Request:
+    """One prepared HTTP request as a reader sends it (possibly several times).
 
-
-class IncompleteBody(Exception):
-    """The connection ended before the body did."""
-
-
-class BodyReader:
-    """The bytes of a streamed response body, taken in bulk.
-
-    :meth:`read` returns the next body bytes, ``b""`` once the body ended
-    cleanly, and raises :class:`IncompleteBody` (or ``OSError``,
-    ``socket.timeout``) otherwise. When the response is not a plain
-    ``http.client`` one (a mocked response, a compressed body) it falls back
-    to urllib3's own streaming.
+    ``settings`` are the keyword arguments ``Session.request`` would give
+    ``Session.send`` (proxies, ``verify``, ``cert``, ``stream``).
     """
 
-    def __init__(self, response: requests.Response) -> None:
-        self.response = response
-        raw = response.raw
-        self.sock: Optional[socket.socket] = None
-        connection = getattr(raw, "connection", None)
-        if connection is not None:
-            self.sock = getattr(connection, "sock", None)
-        self.complete = False
-        self._timeout: Optional[float] = None
-        self._http: Optional[http.client.HTTPResponse] = None
-        self._read1: Optional[Callable[[int], bytes]] = None
-        self._left: Optional[int] = None
-        self._dechunk: Optional[ChunkedDecoder] = None
-        fp = getattr(raw, "_fp", None)
-        encoding = response.headers.get("content-encoding", "identity").lower()
-        if (
-            isinstance(fp, http.client.HTTPResponse)
-            and fp.fp is not None
-            and encoding in ("", "identity")
-            and getattr(fp, "chunk_left", None) is None
-            and hasattr(fp.fp, "read1")
-        ):
-            self._http = fp
-            self._read1 = fp.fp.read1
-            if fp.chunked:
-                self._dechunk = ChunkedDecoder()
-                self.read = self._read_chunked  # type: ignore[method-assign]
-            elif fp.length is not None:
-                self._left = fp.length
-                self.read = self._read_length  # type: ignore[method-assign]
-            else:
-                self.read = self._read_to_close  # type: ignore[method-assign]
-        else:
-            self._iter = raw.stream(_READ_SIZE, decode_content=True)
+    __slots__ = ("session", "prepared", "settings", "secrets")
 
-    def read(self) -> bytes:
-        """The next bytes of the body (fallback path)."""
-        try:
-            data = next(self._iter)
-        except StopIteration:
-            self.complete = True
-            return b""
-        except urllib3.exceptions.ProtocolError as exc:
-            raise IncompleteBody(str(exc)) from exc
-        return data
+    def __init__(
+        self,
+        session: requests.Session,
+        prepared: requests.PreparedRequest,
+        settings: Mapping[str, Any],
+        secrets: Sequence[Optional[str]],
+    ) -> None:
+        self.session = session
+        self.prepared = prepared
+        self.settings = settings
+        self.secrets = secrets
 
-    def _read_chunked(self) -> bytes:
-        read1 = self._read1
-        dechunk = self._dechunk
-        assert read1 is not None and dechunk is not None
-        while True:
-            if dechunk.done:
-                self.complete = True
-                return b""
-            data = read1(_READ_SIZE)
-            if not data:
-                raise IncompleteBody("the connection closed inside the chunked body")
-            try:
-                out = dechunk.feed(data)
-            except ChunkedError as exc:
-                raise IncompleteBody(f"broken chunked framing: {exc}") from exc
-            if out:
-                return out
+    def send(self, connect_timeout: float, read_timeout: float) -> Head:
+        """Send and wait for the response headers (the body is not read). Raises what sending raises."""
+        connect_timeout = max(connect_timeout, 0.001)
+        read_timeout = max(read_timeout, 0.001)
+        prepared = self.prepared
+        adapter = self.session.get_adapter(prepared.url or "")
+        if type(adapter) is _Adapter and _Adapter.send is _GENUINE_SEND:
+            return self._send_direct(adapter, connect_timeout, read_timeout)
+        response = self.session.send(
+            prepared, timeout=(connect_timeout, read_timeout), allow_redirects=False, **self.settings
+        )
+        return Head(response.status_code, response.headers, response.raw, response.close)
 
-    def _read_length(self) -> bytes:
-        left = self._left
-        assert self._read1 is not None and left is not None
-        if left <= 0:
-            self.complete = True
-            return b""
-        data = self._read1(min(left, _READ_SIZE))
-        if not data:
-            raise IncompleteBody(f"the connection closed {left} bytes before the body's end")
-        self._left = left - len(data)
-        return data
+    def _send_direct(self, adapter: _Adapter, connect_timeout: float, read_timeout: float) -> Head:
+        # What HTTPAdapter.send does up to urlopen, without building a requests Response.
+        prepared = self.prepared
+        settings = self.settings
+        verify = settings.get("verify", True)
+        cert = settings.get("cert")
+        proxies = settings.get("proxies") or {}
+        url = prepared.url or ""
+        pool: Any
+        if hasattr(adapter, "get_connection_with_tls_context"):
+            pool = adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies, cert=cert)
+        else:  # requests < 2.32.2
+            pool = adapter.get_connection(url, proxies)
+        adapter.cert_verify(pool, url, verify, cert)  # type: ignore[no-untyped-call]
+        raw = pool.urlopen(
+            method=prepared.method,
+            url=adapter.request_url(prepared, proxies),
+            body=prepared.body,
+            headers=prepared.headers,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            retries=adapter.max_retries,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            chunked=False,
+        )
 
-    def _read_to_close(self) -> bytes:
-        assert self._read1 is not None
-        data = self._read1(_READ_SIZE)
-        if not data:
-            self.complete = True
-        return data
+        def close() -> None:
+            raw.close()
+            raw.release_conn()
 
-    def settimeout(self, seconds: float) -> None:
-        """Bound the next read to at most ``seconds`` (the reader's timers); a no-op on the fallback path.
-
-        Setting a socket's timeout is a system call, and a socket timeout
-        bounds each read afresh. So while frames keep coming the timeout set
-        after the previous frame is still right; it is changed only when it
-        would let a read run more than 1 ms past ``seconds``, or end before
-        half of it.
-        """
-        sock = self.sock
-        if sock is None or self._http is None:
-            return
-        current = self._timeout
-        if current is not None and seconds * 0.5 <= current <= seconds + _TIMEOUT_SLACK_S:
-            return
-        sock.settimeout(seconds)
-        self._timeout = seconds
-
-    def release(self) -> None:
-        """Return the connection to the pool if the body ended cleanly, else drop it."""
-        hr = self._http
-        if hr is None:
-            self.response.close()
-            return
-        if self.complete and not hr.will_close:
-            hr.close()  # closes only the file object; the socket stays with the connection
-            self.response.raw.release_conn()
-        else:
-            self.abort()
-
-    def abort(self) -> None:
-        """Close the connection for good; it never goes back to the pool."""
-        sock = self.sock
-        if sock is not None:
-            shutdown_socket(sock)
-        try:
-            self.response.close()
-        except Exception:  # closing a broken connection may raise anything
-            log.debug("error closing an aborted response", exc_info=True)
+        return Head(raw.status, raw.headers, raw, close)
 
 
 # -- exception translation --------------------------------------------------------

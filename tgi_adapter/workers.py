@@ -10,10 +10,11 @@ does is logged and the worker goes on).
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
-from typing import Callable, Optional
+import time
+from typing import Callable, Deque, Optional
 
 __all__ = ["WorkerPool"]
 
@@ -26,8 +27,8 @@ class WorkerPool:
     """Runs jobs on up to ``max_workers`` threads named ``<name>-<n>``.
 
     :param idle_s: a callable giving how long an idle worker waits for more
-        work before it ends (asked afresh each time, so the owner can shorten
-        it when nothing is expected any more).
+        work before it ends; asked again whenever :meth:`nudge` is called, so
+        the owner can let idle workers go at once when nothing more is expected.
     """
 
     def __init__(self, max_workers: int, idle_s: Callable[[], float], name: str) -> None:
@@ -36,13 +37,12 @@ class WorkerPool:
         self.max_workers = max_workers
         self._idle_s = idle_s
         self._name = name
-        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._jobs: Deque[Job] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
         self._threads = 0
         self._idle = 0
         self._busy = 0
         self._serial = 0
-        self._quiet = threading.Condition(self._lock)
 
     def __repr__(self) -> str:
         return f"<WorkerPool {self._name} threads={self._threads} busy={self._busy}>"
@@ -54,9 +54,12 @@ class WorkerPool:
 
     def submit(self, job: Job) -> None:
         """Run ``job`` on a worker thread, starting one if none is idle and the cap allows."""
-        self._jobs.put(job)
-        with self._lock:
-            if self._idle > 0 or self._threads >= self.max_workers:
+        with self._cond:
+            self._jobs.append(job)
+            if self._idle > len(self._jobs) - 1:
+                self._cond.notify()
+                return
+            if self._threads >= self.max_workers:
                 return
             self._threads += 1
             self._serial += 1
@@ -64,45 +67,39 @@ class WorkerPool:
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def nudge(self) -> None:
-        """Wake every idle worker so it asks ``idle_s`` again (it may then end at once)."""
-        with self._lock:
-            idle = self._idle
-        for _ in range(idle):
-            self._jobs.put(_nothing)
+        """Make every idle worker ask ``idle_s`` again (it may then end at once)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_quiet(self, timeout: Optional[float]) -> bool:
         """Wait until no job is queued or running; True if that happened in time."""
-        with self._quiet:
-            return self._quiet.wait_for(lambda: self._busy == 0 and self._jobs.empty(), timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0 and not self._jobs, timeout)
 
     def _work(self) -> None:
+        cond = self._cond
         jobs = self._jobs
+        clock = time.monotonic
         while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                job = jobs.get(timeout=self._idle_s())
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    if jobs.empty():  # a job put after the timeout is taken on the next turn
+            with cond:
+                idle_since = clock()
+                while not jobs:
+                    left = self._idle_s() - (clock() - idle_since)
+                    if left <= 0:
                         self._threads -= 1
-                        self._quiet.notify_all()
+                        cond.notify_all()
                         return
-                continue
-            with self._lock:
-                self._idle -= 1
+                    self._idle += 1
+                    cond.wait(left)
+                    self._idle -= 1
+                job = jobs.popleft()
                 self._busy += 1
             try:
                 job()
             except Exception:  # a job's bug must not kill the worker that other tasks need
                 log.exception("a background job failed")
             finally:
-                with self._lock:
+                with cond:
                     self._busy -= 1
-                    if self._busy == 0 and jobs.empty():
-                        self._quiet.notify_all()
-
-
-def _nothing() -> None:
-    return None
+                    if self._busy == 0 and not jobs:
+                        cond.notify_all()
