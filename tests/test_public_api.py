@@ -25,6 +25,7 @@ PUBLIC = [
     "ReplicaExhaustedError",
     "RetryPolicy",
     "SamplingParams",
+    "StreamSet",
     "TaskRequest",
     "TgiHttpAdapter",
     "Timeouts",

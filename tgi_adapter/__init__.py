@@ -34,6 +34,7 @@ from .host import AdapterHost
 from .metrics import MetricsRegistry
 from .retry import RetryPolicy, Timeouts
 from .stream import TokenStream
+from .streamset import StreamSet
 
 __all__ = [
     "__version__",
@@ -65,6 +66,7 @@ __all__ = [
     "WorkerAdapter",
     "MetricsRegistry",
     "AdapterHost",
+    "StreamSet",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

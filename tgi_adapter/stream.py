@@ -190,8 +190,9 @@ class TokenStream:
         self._pos = 0
         self._started_given = False
         self._finished = False
-        #: Set while a StreamSet consumes this stream (direct iteration is refused then).
+        #: Set while a StreamSet (or a host's stream) consumes this stream; direct iteration is refused then.
         self._owner: Optional[object] = None
+        self._held_back: List[TokenEvent] = []
 
     def __repr__(self) -> str:
         state = "finished" if self._finished else "cancelled" if self._channel.cancelled else "open"
@@ -238,12 +239,19 @@ class TokenStream:
         if self._owner is not None:
             raise ValueError(f"stream {self.task_id!r} already belongs to a StreamSet")
         self._owner = owner
+        # Events already taken off the queue but not handed out go to the owner
+        # first; none is left where a direct next() could still find it.
+        if self._pos < len(self._buf):
+            self._held_back = self._buf[self._pos :]
+        self._buf, self._pos = [], 0
         self._channel.notify = notify
         notify()  # for whatever arrived before
 
     def _take_ready(self, out: List[TokenEvent]) -> None:
         """Append every event ready now, without waiting (the :class:`StreamSet` side of ``next()``)."""
         get = self._channel.queue.get_nowait
+        if self._held_back:
+            self._buf, self._pos, self._held_back = self._held_back, 0, []
         while not self._finished:
             pos = self._pos
             buf = self._buf
@@ -264,9 +272,10 @@ class TokenStream:
                 return
             self._pos = 0
 
-    def _overdue(self, now: float) -> bool:
-        """Whether the reader has been silent past the deadline and its grace."""
-        return not self._finished and now >= self._deadline + _GRACE_S
+    @property
+    def _deadline_with_grace(self) -> float:
+        """When a silent reader is given up on, on ``time.monotonic()``'s scale."""
+        return time.monotonic() + (self._deadline + _GRACE_S - self._clock())
 
     def _deliver(self, event: TokenEvent) -> TokenEvent:
         if self._channel.cancelled:
