@@ -13,6 +13,7 @@ PUBLIC = [
     "AdmissionRejectError",
     "DeadlineUnmetError",
     "DecodeTimeoutError",
+    "DeterminismReport",
     "EngineInfo",
     "ErrorKind",
     "InternalError",
@@ -38,6 +39,7 @@ PUBLIC = [
     "WorkerProps",
     "WorkerResetError",
     "__version__",
+    "verify_determinism",
 ]
 
 

@@ -14,6 +14,7 @@ from .contract import (
     WorkerHealth,
     WorkerProps,
 )
+from .determinism import DeterminismReport
 from .errors import (
     AdmissionRejectError,
     DeadlineUnmetError,
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .host import AdapterHost
 from .metrics import MetricsRegistry
+from .probes import verify_determinism
 from .retry import RetryPolicy, Timeouts
 from .stream import TokenStream
 from .streamset import StreamSet
@@ -67,6 +69,8 @@ __all__ = [
     "MetricsRegistry",
     "AdapterHost",
     "StreamSet",
+    "DeterminismReport",
+    "verify_determinism",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from urllib.parse import urlsplit
 
 from .__about__ import __version__
 from .adapter import TgiHttpAdapter
@@ -25,6 +26,7 @@ from .config import ROUTES, AdapterConfig
 from .contract import TaskRequest, TokenEvent
 from .errors import WorkerError
 from .mapping import parse_prometheus
+from .probes import verify_determinism
 from .retry import RetryPolicy, Timeouts
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
@@ -40,6 +42,8 @@ DEMO_FAULTS: Dict[str, str] = {
     "reset": "the connection is reset after 5 tokens: WORKER_RESET",
     "truncate": "the body ends after 5 tokens without the final frame: WORKER_RESET",
     "malformed": "a frame that is not JSON after 3 tokens: INTERNAL",
+    "diverge": "from token 5 on, every generation says something other than a fault-free engine would "
+    "(fake-server only: `tgi-adapter verify` shows where)",
     "refused": "nothing listens at the URL: POOL_UNAVAILABLE after the retries",
 }
 
@@ -64,6 +68,8 @@ def _faults(name: Optional[str]) -> List[Any]:
         "reset": [Fault("reset", at_token=5, times=many)],
         "truncate": [Fault("truncate", at_token=5, times=many)],
         "malformed": [Fault("malformed", at_token=3, times=many)],
+        # A replica on another model revision stays different: the fault must not wear off.
+        "diverge": [Fault("diverge", at_token=5, times=1 << 30)],
         "refused": [],
     }
     return table[name] if name else []
@@ -192,13 +198,17 @@ def _adapter(args: argparse.Namespace) -> TgiHttpAdapter:
     url = args.url or os.environ.get("TGI_ADAPTER_URL")
     if not url:
         raise _UsageError("no engine URL: pass --url or set TGI_ADAPTER_URL")
-    verify: Any = True
-    if args.verify is not None:
-        verify = False if args.verify.lower() in ("false", "no", "0") else args.verify
     timeouts = Timeouts(control=min(args.timeout, 600.0), first_token=args.timeout)
-    config = AdapterConfig(route=getattr(args, "route", "native"), verify=verify, timeouts=timeouts)
+    config = AdapterConfig(route=getattr(args, "route", "native"), verify=_tls_verify(args.verify), timeouts=timeouts)
     token = args.token or os.environ.get("TGI_ADAPTER_TOKEN") or None
     return TgiHttpAdapter(url, token=token, config=config)
+
+
+def _tls_verify(option: Optional[str]) -> Any:
+    """``--verify``: True by default, False for 'false'/'no'/'0', else a CA bundle path."""
+    if option is None:
+        return True
+    return False if option.lower() in ("false", "no", "0") else option
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -270,15 +280,50 @@ def _cmd_fake_server(args: argparse.Namespace) -> int:
         pace_s=args.pace_ms / 1000.0,
         api_key=args.api_key,
         faults=_faults(args.fault),
+        batch_sensitive=args.batch_sensitive,
     )
     stop = threading.Event()
     with server:
-        print(f"fake TGI {args.tgi_version} listening at {server.url} (Ctrl-C to stop)", flush=True)
+        traits = f", fault {args.fault}" if args.fault else ""
+        traits += ", batch-sensitive" if args.batch_sensitive else ""
+        print(f"fake TGI {args.tgi_version} listening at {server.url}{traits} (Ctrl-C to stop)", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             pass
     return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    urls = args.url or ([os.environ["TGI_ADAPTER_URL"]] if os.environ.get("TGI_ADAPTER_URL") else [])
+    if not urls:
+        raise _UsageError("no engine URL: pass --url (once per replica) or set TGI_ADAPTER_URL")
+    names = [_replica_name(url) for url in urls]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise _UsageError(f"--url {twice[0]} is given twice")
+    config = AdapterConfig(verify=_tls_verify(args.verify), timeouts=Timeouts(control=min(args.timeout, 10.0)))
+    token = args.token or os.environ.get("TGI_ADAPTER_TOKEN") or None
+    adapters: Dict[str, TgiHttpAdapter] = {}
+    try:
+        for name, url in zip(names, urls):
+            adapters[name] = TgiHttpAdapter(url, token=token, config=config)
+        report = verify_determinism(
+            adapters, prompts=args.prompt, max_tokens=args.max_tokens, seed=args.seed, repeats=args.repeats,
+            under_load=args.under_load, timeout_s=args.timeout,
+        )
+    finally:
+        for adapter in adapters.values():
+            adapter.close()
+    print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if args.json else report.to_text())
+    return EXIT_OK if report.verdict == "identical" else EXIT_ERROR
+
+
+def _replica_name(url: str) -> str:
+    """A replica's name in the report: its URL without the scheme and any ``user:password@``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return (netloc + parts.path.rstrip("/")) or url
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -308,6 +353,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, for ``--help`` and the tests."""
     parser = argparse.ArgumentParser(
@@ -325,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Tell me about text generation inference.")
     demo.add_argument("--max-tokens", type=_positive_int, default=48)
     demo.add_argument("--pace-ms", type=float, default=15.0, help="delay between tokens (default 15)")
-    demo.add_argument("--fault", choices=sorted(DEMO_FAULTS), help="show what a fault looks like")
+    demo.add_argument("--fault", choices=sorted(set(DEMO_FAULTS) - {"diverge"}), help="show what a fault looks like")
     demo.add_argument("--tgi-version", default="3.3.6", help="the TGI version the fake engine imitates")
     demo.add_argument("--json", action="store_true", help="one event per line as JSON")
     demo.add_argument("--seed", type=int, default=None)
@@ -365,7 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--pace-ms", type=float, default=0.0)
     fake.add_argument("--api-key", default=None, help="require this bearer token on generation routes")
     fake.add_argument("--fault", choices=sorted(set(DEMO_FAULTS) - {"refused"}), help="inject this fault")
+    fake.add_argument("--batch-sensitive", action="store_true",
+                      help="the text of a request depends on how many others are in flight when it arrives")
     fake.set_defaults(func=_cmd_fake_server)
+
+    check = sub.add_parser("verify", help="check that TGI replicas give the same tokens (determinism)")
+    check.add_argument("--url", action="append", help="a replica's base URL; once per replica "
+                       "(default: $TGI_ADAPTER_URL)")
+    check.add_argument("--prompt", action="append", help="a prompt to probe; repeatable (default: built-in ones)")
+    check.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens per probe (default 32)")
+    check.add_argument("--repeats", type=_positive_int, default=2, help="runs per prompt and mode (default 2)")
+    check.add_argument("--under-load", type=_non_negative_int, default=0, metavar="K",
+                       help="also probe while K other streams are in flight on the replica (default 0)")
+    check.add_argument("--seed", type=int, default=1234, help="seed of the sampling probes (default 1234)")
+    check.add_argument("--timeout", type=_positive_float, default=60.0, help="for the whole check (default 60 s)")
+    check.add_argument("--token", help="bearer token (default: $TGI_ADAPTER_TOKEN)")
+    check.add_argument("--verify", help="a CA bundle path, or 'false' to skip certificate checks")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Un
 from . import runtime
 from .breaker import BreakerState, CircuitBreaker, Outcome, check_breaker_settings, choose_replica
 from .contract import TaskLike, WorkerAdapter, WorkerHealth, WorkerProps, as_task
+from .determinism import DeterminismReport
 from .errors import (
     InvalidParamsError,
     PoolUnavailableError,
@@ -30,6 +31,7 @@ from .errors import (
     WorkerError,
 )
 from .host_stream import HostStream, Lease
+from .probes import verify_determinism
 
 __all__ = ["AdapterHost", "HostStream", "ReplicaStatus", "UnknownReplicaError"]
 
@@ -467,6 +469,21 @@ class AdapterHost:
                 )
                 for r in sorted(self._pools.get(pool_id, {}).values(), key=lambda r: r.position)
             )
+
+    def verify_determinism(self, pool_id: str, **kw: Any) -> DeterminismReport:
+        """:func:`tgi_adapter.verify_determinism` over the pool's live replicas, named by replica_id.
+
+        Each replica's ``health()`` is asked first (within its adapter's
+        ``Timeouts.control``); those not live are left out and listed in the
+        report's ``skipped``. ``PoolUnavailableError`` when none is live.
+        """
+        with self._lock:
+            replicas = sorted(self._pools.get(pool_id, {}).values(), key=lambda r: r.position)
+        live = {r.replica_id: r.adapter for r in replicas if _health_of(r.adapter).live}
+        if not live:
+            raise PoolUnavailableError(f"no replica of pool {pool_id!r} is live to verify", retriable=True)
+        report = verify_determinism(live, **kw)
+        return dataclasses.replace(report, skipped=tuple(r.replica_id for r in replicas if r.replica_id not in live))
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ _FAULT_ARGS: dict[str, frozenset[str]] = {
     "malformed": frozenset({"at_token"}),
     "oversized": frozenset({"at_token", "size"}),
     "disconnect_before_headers": frozenset(),
+    "diverge": frozenset({"at_token"}),
 }
 FAULT_KINDS = frozenset(_FAULT_ARGS)
 
@@ -94,6 +95,12 @@ class Fault:
       (``x``) in its token text so its data line is ``size`` bytes, then the
       stream continues. Streams only.
     - ``"disconnect_before_headers"``: read the request, then close (FIN).
+    - ``"diverge"``: the generated text departs from the fault-free text at
+      token ``at_token`` (the tokens before it are unchanged) and stays a
+      different, equally plausible text to the end. The diverged text is a
+      function of the request, like the fault-free one, so the same request
+      diverges the same way every time. Any generation route, streamed or
+      not; the answer is otherwise normal (length, details, seed).
 
     :param times: how many matching requests get the fault (consumed first in, first out).
     :param path: the request path it applies to; None means any generation route.
@@ -361,11 +368,16 @@ def generate(
     eos_after: int | None = None,
     utf8_split: bool = False,
     top_n_tokens: int = 0,
+    depart: tuple[int, object] | None = None,
 ) -> Generation:
     """Produce readable text, deterministic in ``prompt`` (greedy) or ``(prompt, seed)``.
 
     :param seed: the sampling seed, or None for greedy decoding (reported seed null).
     :param eos_after: emit the special EOS token after this many tokens.
+    :param depart: ``(at_token, variant)``: from token ``at_token`` on (with
+        ``utf8_split``, from the first whole character there), continue with
+        another text, deterministic in the request and ``variant``; its first
+        word differs from the one the undisturbed text has there.
     """
     key = _digest(prompt) if seed is None else _digest(prompt, seed)
     rng = random.Random(key)
@@ -379,7 +391,12 @@ def generate(
             tokens.append(Token(EOS_ID, EOS_TEXT, -round(rng.uniform(0.001, 1.0), 4), special=True))
             finish = "eos_token"
             break
-        pieces = _word_pieces(next(words), rng, utf8_split)
+        word = next(words)
+        if depart is not None and len(tokens) >= depart[0]:
+            words = _departed(key, depart[1], word, utf8_split)
+            word = next(words)
+            depart = None
+        pieces = _word_pieces(word, rng, utf8_split)
         if len(pieces) > limit - len(tokens):
             # Never cut a character in half: the text would not decode.
             pieces = _word_pieces(_WORDS[len(tokens) % len(_WORDS)], rng, False)
@@ -392,6 +409,16 @@ def generate(
     if top_n_tokens:
         top = tuple(_alternatives(t, top_n_tokens) for t in tokens)
     return Generation(tuple(tokens), text, finish, seed, top)
+
+
+def _departed(key: int, variant: object, avoid: str, utf8_split: bool) -> Iterator[str]:
+    """Another word stream for the same request, whose first word is not ``avoid``."""
+    words = _words(_digest(key, variant), utf8_split)
+    word = next(words)
+    while word == avoid:
+        word = next(words)
+    yield word
+    yield from words
 
 
 def _alternatives(token: Token, n: int) -> tuple[Token, ...]:

@@ -221,6 +221,7 @@ class TgiRoutes:
         pace_s: float,
         rng: random.Random,
         clock: Callable[[], float],
+        batch_sensitive: bool = False,
     ) -> None:
         self.profile = profile
         self.limits = limits
@@ -237,6 +238,7 @@ class TgiRoutes:
         self.pace_s = pace_s
         self.rng = rng
         self.clock = clock
+        self.batch_sensitive = batch_sensitive
 
     # --- static routes ------------------------------------------------------------
 
@@ -380,11 +382,21 @@ class TgiRoutes:
 
     # --- generation routes --------------------------------------------------------
 
-    def run(self, job: Job, *, overloaded: bool, fault: Fault | None = None) -> Answer:
-        """Answer a generation request that got (or was refused) a concurrency permit."""
+    def run(self, job: Job, *, overloaded: bool, fault: Fault | None = None, in_flight: int = 0) -> Answer:
+        """Answer a generation request that got (or was refused) a concurrency permit.
+
+        :param in_flight: other generations in flight when this one arrived
+            (what a batch-sensitive engine's numerics depend on).
+        """
+        depart: tuple[int, object] | None = None
+        if fault is not None and fault.kind == "diverge":
+            depart = (fault.at_token, "diverge")
+        elif self.batch_sensitive and in_flight > 0:
+            # Another batch size, other kernels: the text parts from the idle one at token n.
+            depart = (in_flight, ("in flight", in_flight))
         results: list[tuple[Generation, int] | str] = []
         for prompt in job.prompts:
-            results.append("Model is overloaded" if overloaded else self._generate(prompt, job.params))
+            results.append("Model is overloaded" if overloaded else self._generate(prompt, job.params, depart))
         stream = job.stream
         oversize = fault if fault is not None and fault.kind == "oversized" and stream else None
         answer: Answer
@@ -400,15 +412,19 @@ class TgiRoutes:
             answer = self._apply_fault(job, answer, fault)
         return answer
 
-    def _generate(self, prompt: str, params: Params) -> tuple[Generation, int] | str:
+    def _generate(
+        self, prompt: str, params: Params, depart: tuple[int, object] | None = None
+    ) -> tuple[Generation, int] | str:
         error, input_length = validate(self.profile, self.limits, params, prompt)
         if error is not None:
             return f"Input validation error: {error}"
         count = planned_new_tokens(self.profile, self.limits, input_length, params.max_new_tokens)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(64)
-        return self._sequence(prompt, params, seed, count), input_length
+        return self._sequence(prompt, params, seed, count, depart), input_length
 
-    def _sequence(self, prompt: str, params: Params, seed: int, count: int) -> Generation:
+    def _sequence(
+        self, prompt: str, params: Params, seed: int, count: int, depart: tuple[int, object] | None = None
+    ) -> Generation:
         # The router always draws a seed; the shard uses (and reports) it only when sampling.
         return generate(
             prompt,
@@ -418,6 +434,7 @@ class TgiRoutes:
             eos_after=self.eos_after,
             utf8_split=self.utf8_split,
             top_n_tokens=params.top_n_tokens or 0,
+            depart=depart,
         )
 
     def _error_type(self, message: str) -> str:

@@ -189,6 +189,11 @@ class FakeTgiServer:
     :param split_writes: send every write in pieces of this many bytes.
     :param eos_after: end generations with the EOS token after this many tokens.
     :param utf8_split: emit multi-byte characters split over byte tokens (text ``""``).
+    :param batch_sensitive: make the text of a request depend on how many other
+        generation requests are in flight when it arrives, as an engine whose
+        numerics change with batch composition does: with ``n`` others in
+        flight, the text parts from the idle one at token ``n``, the same way
+        for the same request and ``n``.
     :raises ValueError: on an unknown version or inconsistent limits.
     """
 
@@ -218,6 +223,7 @@ class FakeTgiServer:
         split_writes: int | None = None,
         eos_after: int | None = None,
         utf8_split: bool = False,
+        batch_sensitive: bool = False,
     ) -> None:
         self._profile = Profile(version)
         if api_key is not None and not self._profile.ge(2, 3):
@@ -250,12 +256,14 @@ class FakeTgiServer:
             pace_s=pace_s,
             rng=random.Random(),
             clock=time.time,
+            batch_sensitive=batch_sensitive,
         )
         self.version = version
         self.model_id = model_id
         self.pace_s = pace_s
         self.prefill_s = prefill_s
         self.keepalive_s = keepalive_s
+        self.batch_sensitive = batch_sensitive
         self._bind = (host, port)
         self._ssl_context = ssl_context
         self._metrics_enabled = metrics
@@ -604,14 +612,15 @@ class FakeTgiServer:
             self._serve(conn, path, answer, fault, extra)
             return
         with self._lock:
-            overloaded = self._in_flight >= self._limits.max_concurrent_requests
+            others = self._in_flight
+            overloaded = others >= self._limits.max_concurrent_requests
             if not overloaded:
                 self._in_flight += 1
                 self._metrics.queued = True
                 self._metrics.batch_size = self._in_flight
         conn.permit = not overloaded
         try:
-            answer = self._routes.run(answer, overloaded=overloaded, fault=fault)
+            answer = self._routes.run(answer, overloaded=overloaded, fault=fault, in_flight=others)
         except BaseException:
             self._complete(conn, 0)
             raise
