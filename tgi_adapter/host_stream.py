@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
 
+from . import tracing
 from .breaker import Outcome
 from .contract import TaskRequest, TokenEvent
 from .errors import DeadlineUnmetError, InternalError, ReplicaExhaustedError, WorkerError
@@ -78,6 +79,8 @@ class HostStream(TokenStream):
         self._host = host
         self._task = task
         self._attempt = _Attempt()
+        # Routing happens in whichever thread takes the first event: keep the submitter's context for it.
+        self._trace_context = tracing.capture_context()
         weakref.finalize(self, host._abandon, self._channel, self._attempt).atexit = False
 
     def __repr__(self) -> str:
@@ -136,7 +139,8 @@ class HostStream(TokenStream):
                 task = dataclasses.replace(task, deadline_ms=max(1, int((self._deadline - now) * 1000)))
             self._log("routed to replica %s (attempt %d)", replica.replica_id, len(tried), replica=replica)
             try:
-                inner = replica.adapter.submit(task, self.correlation_id)
+                with tracing.replica_attempt(self._trace_context, self.tried):
+                    inner = replica.adapter.submit(task, self.correlation_id)
             except WorkerError as error:
                 host._settle(self, lease, Outcome.FAILURE if error.retriable else Outcome.NEUTRAL)
                 host._release(lease)

@@ -137,7 +137,8 @@ class Attempts:
 
     ``attempt()`` returns ``None`` when it finished (successfully or not,
     having reported the outcome itself) and a :class:`WorkerError` for a
-    failure that may be retried. Sleep, clock and random source are injected.
+    failure that may be retried. Sleep, clock and random source are injected;
+    ``on_retry(n, delay, error)`` hears of each retry before its wait.
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class Attempts:
         rng: Callable[[], float],
         wait: Callable[[float], bool],
         label: str,
+        on_retry: Optional[Callable[[int, float, WorkerError], None]] = None,
     ) -> None:
         self.policy = policy
         self.deadline = deadline
@@ -156,6 +158,7 @@ class Attempts:
         self.rng = rng
         self.wait = wait  # returns True when the wait was interrupted (cancelled)
         self.label = label
+        self.on_retry = on_retry
         self.retries = 0
 
     def run(self, attempt: Callable[[], Optional[WorkerError]]) -> Optional[WorkerError]:
@@ -178,6 +181,8 @@ class Attempts:
                 return error
             self.retries += 1
             log.debug("%s: retry %d in %.3fs after %s", self.label, self.retries, delay, error.code.value)
+            if self.on_retry is not None:
+                self.on_retry(self.retries, delay, error)
             if self.wait(delay):
                 return None
             failed += 1
@@ -200,6 +205,7 @@ class StreamReader:
         rng: Callable[[], float],
         wait: Callable[[float], bool],
         on_connect_failure: Optional[Callable[[], None]] = None,
+        on_retry: Optional[Callable[[int, float, WorkerError], None]] = None,
     ) -> None:
         self.request = request
         self.channel = channel
@@ -210,7 +216,8 @@ class StreamReader:
         self.clock = clock
         self.on_connect_failure = on_connect_failure
         self.attempts = Attempts(
-            retry, deadline=deadline, clock=clock, rng=rng, wait=wait, label=f"task {channel.task_id}"
+            retry, deadline=deadline, clock=clock, rng=rng, wait=wait, label=f"task {channel.task_id}",
+            on_retry=on_retry,
         )
 
     def run(self) -> None:
@@ -220,7 +227,7 @@ class StreamReader:
             error = self.attempts.run(self._attempt)
             channel.stats["retries"] = self.attempts.retries
             if error is not None and not channel.cancelled:
-                channel.stats["outcome"] = error.code.value
+                channel.stats.update(outcome=error.code.value, error_message=error.full_message)
                 channel.put([error.to_event()])
         except BaseException as exc:  # a bug here must not leave the consumer waiting
             log.exception("task %s: the stream reader failed", channel.task_id)
@@ -344,7 +351,7 @@ class StreamReader:
             return None
         if not mapper.started_sent:
             return error  # nothing was emitted: the retry loop decides
-        self._record(mapper, error.code.value)
+        self._record(mapper, error.code.value, error.full_message)
         self.channel.put([error.to_event()])
         return None
 
@@ -365,7 +372,7 @@ class StreamReader:
                     self.channel.put(events)
                 return error
             events.append(error.to_event())
-            self._record(mapper, error.code.value)
+            self._record(mapper, error.code.value, error.full_message)
         else:
             self._record(mapper, "end")
         self.channel.put(events)
@@ -381,9 +388,11 @@ class StreamReader:
             pass
         body.release()
 
-    def _record(self, mapper: FrameMapper, outcome: str) -> None:
+    def _record(self, mapper: FrameMapper, outcome: str, message: Optional[str] = None) -> None:
         stats = self.channel.stats
         stats["outcome"] = outcome
+        stats["error_message"] = message
+        stats["finish_reason"] = mapper.finish_reason
         stats["tokens_in"] = mapper.tokens_in
         stats["tokens_out"] = mapper.tokens_out if mapper.done else len(mapper.texts)
         stats["decode_ms"] = mapper.decode_ms
