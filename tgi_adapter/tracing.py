@@ -15,10 +15,11 @@ host task) that asks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, MutableMapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, MutableMapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from .__about__ import __version__
@@ -73,13 +74,12 @@ def tracer_for(provider: Optional[TracerProvider] = None) -> Optional[Tracer]:
     return tracer
 
 
-def _server(base_url: str) -> Dict[str, Any]:
+@functools.lru_cache(maxsize=64)  # one per adapter's URL: no parsing per task
+def _server(base_url: str) -> Tuple[Tuple[str, Any], ...]:
     parts = urlsplit(base_url)
-    out: Dict[str, Any] = {}
-    if parts.hostname:
-        out["server.address"] = parts.hostname
-        out["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
-    return out
+    if not parts.hostname:
+        return ()
+    return (("server.address", parts.hostname), ("server.port", parts.port or (443 if parts.scheme == "https" else 80)))
 
 
 def start_task_span(
@@ -103,7 +103,7 @@ def start_task_span(
         "tgi.task_id": task.task_id,
         "tgi.correlation_id": started["correlation_id"],
         "tgi.route": route,
-        **_server(base_url),
+        **dict(_server(base_url)),
     }
     if task.seed is not None:
         attributes["gen_ai.request.seed"] = task.seed
