@@ -22,6 +22,8 @@ PACKAGES = (
     "sseclient-py",
     "pydantic",
     "trustme",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
 )
 
 

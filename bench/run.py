@@ -3,6 +3,7 @@
     python bench/run.py                      # everything (a few minutes)
     python bench/run.py --quick              # a short smoke run
     python bench/run.py --parts throughput,tls
+    python bench/run.py --parts tracing      # tracing off vs on (needs tgi-adapter[otel], opentelemetry-sdk)
 
 Results go to ``bench/results/<YYYY-MM-DD>-py<X.Y>.md`` (``-quick`` or
 ``-partial`` added for short or partial runs) and to standard output;
@@ -31,11 +32,12 @@ import concurrency  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
 import throughput  # noqa: E402
+import tracing  # noqa: E402
 from clients import CLIENTS  # noqa: E402
 from report import Section, document, environment, load_average  # noqa: E402
 from server_proc import ImitationServer  # noqa: E402
 
-PARTS = ("throughput", "tls", "ttft", "cancel", "concurrency", "memory")
+PARTS = ("throughput", "tls", "ttft", "cancel", "concurrency", "memory", "tracing")
 FULL = {
     "tokens": 20000,
     "rounds": 5,
@@ -44,6 +46,7 @@ FULL = {
     "streams": "256,512",
     "paced": "10:500,50:100",
     "memory_streams": 200,
+    "tracing_rounds": 15,
 }
 QUICK = {
     "tokens": 2000,
@@ -53,6 +56,7 @@ QUICK = {
     "streams": "32,64",
     "paced": "10:100",
     "memory_streams": 50,
+    "tracing_rounds": 3,
 }
 
 
@@ -92,6 +96,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="concurrent streams' PACE_MS:TOKENS, comma-separated (10:500,50:100, i.e. 5 s each; quick 10:100)",
     )
     parser.add_argument("--memory-streams", type=int, help="stalled streams for memory per stream (200)")
+    parser.add_argument("--tracing-rounds", type=int, help="interleaved rounds of the tracing part (15; quick 3)")
     parser.add_argument("--output", help="results file (default bench/results/<date>-py<X.Y>[-quick|-partial].md)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -173,6 +178,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "cancel": lambda: plain("cancel", lambda s: latency.run_cancel(s, samples=args.cancel_samples)),
         "concurrency": run_concurrency,
         "memory": lambda: plain("memory", lambda s: memory.run_memory(s, streams=args.memory_streams)),
+        "tracing": lambda: plain(
+            "tracing", lambda s: tracing.run(s, tokens=args.tokens, rounds=args.tracing_rounds, log=log)
+        ),
     }
     for part in PARTS:
         if part not in args.parts:

@@ -65,9 +65,14 @@ def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: 
     expected_end = {"reset": "WORKER_RESET", "error": "INTERNAL", "stall": "DECODE_TIMEOUT", "truncate": "WORKER_RESET"}
     servers = {name: FakeTgiServer(pace_s=0.002, faults=faults) for name, faults in faulty.items()}
     servers["clean"] = FakeTgiServer(pace_s=0.002)
+    # Streams to cancel go silent after 3 tokens: the cancel, not the engine, ends them.
+    servers["cancel"] = FakeTgiServer(pace_s=0.002, faults=[Fault("stall", at_token=3, times=20)])
     for server in servers.values():
         server.start()
-    adapters = {name: TgiHttpAdapter(server.url, config=once) for name, server in servers.items()}
+    patient = AdapterConfig(retry=RetryPolicy(attempts=1), pool_maxsize=64)
+    adapters = {
+        name: TgiHttpAdapter(server.url, config=patient if name == "cancel" else once) for name, server in servers.items()
+    }
     try:
         kind_of: Dict[str, str] = {}
         streams: List[TokenStream] = []
@@ -77,8 +82,9 @@ def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: 
                 kind_of[stream.task_id] = name
                 streams.append(stream)
         for n in range(120):
-            stream = adapters["clean"].submit(make_task(max_tokens=20, deadline_ms=30_000))
-            kind_of[stream.task_id] = "cancel" if n % 6 == 0 else "clean"
+            kind = "cancel" if n % 6 == 0 else "clean"
+            stream = adapters[kind].submit(make_task(max_tokens=20, deadline_ms=30_000))
+            kind_of[stream.task_id] = kind
             streams.append(stream)
         held = streams[-5:]  # consumed last, by a thread that waits until everything else ended
         peak = len(library_threads())

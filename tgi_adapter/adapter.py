@@ -10,12 +10,12 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, MutableMapping, Optional, Set, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from . import __about__, runtime
+from . import __about__, runtime, tracing
 from .attempts import Attempts, error_for_exception
 from .config import AdapterConfig, config_from_env
 from .contract import EngineInfo, TaskLike, TaskRequest, WorkerAdapter, WorkerHealth, WorkerProps, as_task
@@ -38,6 +38,9 @@ from .redact import redact_text, short_hash
 from .retry import RetryPolicy
 from .stream import StreamChannel, TokenStream
 from .transport import Request, SendPlan, is_timeout, make_session
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["TgiHttpAdapter"]
 
@@ -85,6 +88,8 @@ class TgiHttpAdapter(WorkerAdapter):
     :param rng: the jitter source, returning floats in [0, 1).
     :param sleep: how retries wait (tests inject a recorder); by default a
         wait that ``cancel()`` interrupts.
+    :param tracer_provider: the OpenTelemetry ``TracerProvider`` for task
+        spans (default: the global one); see ``AdapterConfig.tracing``.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class TgiHttpAdapter(WorkerAdapter):
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         sleep: Optional[Callable[[float], None]] = None,
+        tracer_provider: Optional[TracerProvider] = None,
     ) -> None:
         self.base_url, self._shown_url = _clean_base_url(base_url)
         if token is not None and (not isinstance(token, str) or not token):
@@ -129,6 +135,7 @@ class TgiHttpAdapter(WorkerAdapter):
         self._clock = clock
         self._rng = rng
         self._sleep = sleep
+        self._tracer = tracing.tracer_for(tracer_provider) if self.config.tracing else None
         self._lock = threading.Lock()
         self._streams: weakref.WeakValueDictionary[str, TokenStream] = weakref.WeakValueDictionary()
         self._calls: Dict[str, StreamChannel] = {}
@@ -372,7 +379,7 @@ class TgiHttpAdapter(WorkerAdapter):
 
     def _prepare(
         self, task: TaskLike, correlation_id: Optional[str], *, stream: bool
-    ) -> Tuple[TaskRequest, Request, Dict[str, Any], Optional[int]]:
+    ) -> Tuple[TaskRequest, Request, Dict[str, Any], Optional[int], Optional[tracing.TaskSpan]]:
         if self._closed:
             raise PoolUnavailableError("the adapter is closed", retriable=False, advice="make a new adapter")
         task = as_task(task)
@@ -390,7 +397,6 @@ class TgiHttpAdapter(WorkerAdapter):
         path, body = build_request(task, route=route, stream=stream, info=info, model=self.config.model)
         cid = correlation_id or str(uuid.uuid4())
         payload = json.dumps(body).encode("utf-8")
-        request = self._plan.post(self._url(path), payload, {"X-Correlation-Id": cid}, self._secrets)
         started = {
             "engine": "tgi",
             "engine_version": info.engine_version if info is not None else None,
@@ -402,8 +408,17 @@ class TgiHttpAdapter(WorkerAdapter):
             "sampler_profile_version": task.sampler_profile_version,
             "correlation_id": cid,
         }
+        headers = {"X-Correlation-Id": cid}
+        span = None
+        if self._tracer is not None:
+            span = tracing.start_task_span(
+                self._tracer, task, route=route, started=started, labels=self._labels, base_url=self.base_url
+            )
+            if span is not None:
+                span.inject(headers)
+        request = self._plan.post(self._url(path), payload, headers, self._secrets)
         sampled_seed = task.seed if effective_sampling(task)["do_sample"] else None
-        return task, request, started, sampled_seed
+        return task, request, started, sampled_seed, span
 
     def _prompt_tokens(self, task: TaskRequest, info: Optional[EngineInfo]) -> Optional[int]:
         if not self.config.tokenize_check or task.prompt is None or info is None:
@@ -432,12 +447,12 @@ class TgiHttpAdapter(WorkerAdapter):
         arrives as events. ``correlation_id`` (or a new UUID) is sent as
         ``X-Correlation-Id`` and carried in ``started``.
         """
-        task, request, started, sampled_seed = self._prepare(task, correlation_id, stream=True)
+        task, request, started, sampled_seed, span = self._prepare(task, correlation_id, stream=True)
         t_submit = self._clock()
         deadline = t_submit + task.deadline_ms / 1000.0
         channel = StreamChannel(task.task_id)
         channel.stats.update(
-            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels)
+            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels), span=span
         )
         route = self.config.route
         secrets = self._secrets
@@ -457,6 +472,7 @@ class TgiHttpAdapter(WorkerAdapter):
             rng=self._rng,
             sleep=self._sleep,
             on_connect_failure=self._mark_info_stale,
+            on_retry=span.retry if span is not None else None,
             reactor=runtime.reactor(),
             workers=runtime.workers(),
         )
@@ -469,7 +485,7 @@ class TgiHttpAdapter(WorkerAdapter):
             on_done=self._stream_done,
             clock=self._clock,
         )
-        weakref.finalize(stream, channel.abandon).atexit = False
+        weakref.finalize(stream, channel.abandon).atexit = False  # counts it, and so ends its span
         with self._lock:
             self._streams[task.task_id] = stream
             self._readers.add(channel)
@@ -532,6 +548,9 @@ class TgiHttpAdapter(WorkerAdapter):
             correlation_id=stats.get("correlation_id"),
         )
         self.metrics.task_finished(labels, record)
+        span = stats.get("span")
+        if span is not None:
+            span.finish(outcome, stats)
 
     def cancel(self, task_id: str) -> None:
         """Cancel a task: best effort, idempotent; an unknown id is fine."""
@@ -552,12 +571,12 @@ class TgiHttpAdapter(WorkerAdapter):
         deadline bounds the whole call. ``cancel(task_id)`` from another
         thread ends it with ``finish_reason`` "cancelled".
         """
-        task, request, started, sampled_seed = self._prepare(task, correlation_id, stream=False)
+        task, request, started, sampled_seed, span = self._prepare(task, correlation_id, stream=False)
         t_submit = self._clock()
         deadline = t_submit + task.deadline_ms / 1000.0
         channel = StreamChannel(task.task_id)
         channel.stats.update(
-            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels)
+            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels), span=span
         )
         with self._lock:
             self._calls[task.task_id] = channel
@@ -589,9 +608,13 @@ class TgiHttpAdapter(WorkerAdapter):
             rng=self._rng,
             wait=self._waiter(channel),
             label=f"task {task.task_id}",
+            on_retry=span.retry if span is not None else None,
         )
         try:
             error = attempts.run(attempt)
+        except BaseException:  # a bug, or KeyboardInterrupt: the task still ends (metrics, span)
+            self._record_task(task.task_id, "INTERNAL", channel.stats)
+            raise
         finally:
             with self._lock:
                 self._calls.pop(task.task_id, None)
@@ -607,9 +630,13 @@ class TgiHttpAdapter(WorkerAdapter):
                 "engine_version": started["engine_version"],
             }
         if error is not None:
+            channel.stats["error_message"] = error.full_message
             self._record_task(task.task_id, error.code.value, channel.stats)
             raise error
         text, end = result["answer"]
-        channel.stats.update(tokens_in=end["tokens_in"], tokens_out=end["tokens_out"], decode_ms=end["decode_ms"])
+        channel.stats.update(
+            tokens_in=end["tokens_in"], tokens_out=end["tokens_out"], decode_ms=end["decode_ms"],
+            finish_reason=end["finish_reason"],
+        )
         self._record_task(task.task_id, "end", channel.stats)
         return text, end

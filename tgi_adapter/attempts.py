@@ -106,7 +106,8 @@ class Attempts:
     :meth:`run` is the loop for a caller that may block (``generate()``,
     control calls); a stream asks :meth:`decide` after each failed attempt
     and waits on the shared reader's timers instead. Sleep, clock and random
-    source are injected.
+    source are injected; ``on_retry(n, delay, error)`` hears of each retry
+    before its wait.
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class Attempts:
         rng: Callable[[], float],
         wait: Callable[[float], bool],
         label: str,
+        on_retry: Optional[Callable[[int, float, WorkerError], None]] = None,
     ) -> None:
         self.policy = policy
         self.deadline = deadline
@@ -125,6 +127,7 @@ class Attempts:
         self.rng = rng
         self.wait = wait  # returns True when the wait was interrupted (cancelled)
         self.label = label
+        self.on_retry = on_retry
         self.retries = 0
 
     def decide(self, error: WorkerError) -> Optional[float]:
@@ -141,6 +144,8 @@ class Attempts:
         if delay is not None:
             self.retries += 1
             log.debug("%s: retry %d in %.3fs after %s", self.label, self.retries, delay, error.code.value)
+            if self.on_retry is not None:
+                self.on_retry(self.retries, delay, error)
         return delay
 
     def run(self, attempt: Callable[[], Optional[WorkerError]]) -> Optional[WorkerError]:

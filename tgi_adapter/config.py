@@ -41,6 +41,8 @@ class AdapterConfig:
         before sending (one more round trip per task).
     :param model: the ``model`` sent on the OpenAI routes; TGI reads any value
         other than ``"tgi"`` as a LoRA adapter id.
+    :param tracing: with ``opentelemetry-api`` installed, one span per task and
+        its W3C ``traceparent`` sent to the engine; ``False`` turns both off.
     """
 
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -56,6 +58,7 @@ class AdapterConfig:
     info_ttl: float = 30.0
     tokenize_check: bool = False
     model: str = "tgi"
+    tracing: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeouts, Timeouts):
@@ -92,6 +95,8 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.tokenize_check must be a boolean")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("AdapterConfig.model must be a non-empty string")
+        if not isinstance(self.tracing, bool):
+            raise ValueError(f"AdapterConfig.tracing must be True or False, got {self.tracing!r}")
 
     def __repr__(self) -> str:
         parts = []

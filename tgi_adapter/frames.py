@@ -60,6 +60,8 @@ class FrameMapper:
         self.tokens_in: Optional[int] = None
         self.tokens_out = 0
         self.decode_ms: Optional[int] = None
+        #: The ``end`` event's ``finish_reason``, once it is made.
+        self.finish_reason: Optional[str] = None
         self.texts: List[str] = []
         self._secrets = secrets
         self._i = 0  # index of the next emitted token
@@ -118,6 +120,7 @@ class FrameMapper:
         if not self.started_sent:
             self._emit_started(out)
         self.done = True
+        self.finish_reason = finish_reason
         self.tokens_out = tokens_out if tokens_out is not None else self._frames
         first = self.t_first if self.t_first is not None else now
         decode_ms = self.decode_ms = _ms(now - first)

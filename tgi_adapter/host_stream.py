@@ -22,7 +22,7 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
-from . import runtime
+from . import runtime, tracing
 from .breaker import Outcome
 from .contract import EventStream, TaskRequest, WorkerAdapter
 from .errors import DeadlineUnmetError, InternalError, ReplicaExhaustedError, WorkerError
@@ -159,6 +159,8 @@ class _Route:
         self.tried: List[str] = []
         self.tried_bindings: Set[object] = set()
         self.errors: List[Tuple[str, WorkerError, TokenEvent]] = []
+        # Routing happens later, maybe on another thread: keep the submitter's trace context for it.
+        self.trace_context = tracing.capture_context()
 
     def log(self, message: str, *args: Any, replica_id: Optional[str] = None) -> None:
         extra: Dict[str, Any] = {"correlation_id": self.correlation_id, "task_id": self.task.task_id,
@@ -204,7 +206,8 @@ class _Route:
             self.log("routed to replica %s (attempt %d)", lease.replica_id, len(self.tried),
                      replica_id=lease.replica_id)
             try:
-                inner = lease.adapter.submit(task, self.correlation_id)
+                with tracing.replica_attempt(self.trace_context, self.tried):
+                    inner = lease.adapter.submit(task, self.correlation_id)
             except WorkerError as error:
                 self.judge(lease, Outcome.FAILURE if error.retriable else Outcome.NEUTRAL)
                 self.placement.release(lease)

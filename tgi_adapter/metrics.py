@@ -14,11 +14,14 @@ import logging
 import math
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "TaskRecord",
     "MetricsRegistry",
+    "Family",
+    "format_value",
+    "format_bound",
     "LABEL_NAMES",
     "FIRST_TOKEN_BUCKETS_MS",
     "DECODE_BUCKETS_MS",
@@ -57,6 +60,18 @@ METRICS: Dict[str, Tuple[str, str]] = {
 }
 
 Labels = Tuple[Tuple[str, str], ...]
+
+
+class Family(NamedTuple):
+    """One metric family with its series, as :meth:`MetricsRegistry.families` returns it.
+
+    ``series`` items are those of :meth:`MetricsRegistry.snapshot`.
+    """
+
+    name: str
+    kind: str
+    help: str
+    series: List[Dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -232,26 +247,32 @@ class MetricsRegistry:
                 )
         return out
 
+    def families(self) -> List[Family]:
+        """The families that have series, in exposition order, all from one snapshot.
+
+        What :meth:`render_prometheus` writes and what
+        :class:`tgi_adapter.prometheus.MetricsCollector` hands to prometheus_client.
+        """
+        snap = self.snapshot()
+        return [
+            Family(name, kind, help_text, snap[name]) for name, (kind, help_text) in METRICS.items() if snap.get(name)
+        ]
+
     def render_prometheus(self) -> str:
         """The registry in Prometheus text exposition format (version 0.0.4)."""
-        snap = self.snapshot()
         lines: List[str] = []
-        for name, (kind, help_text) in METRICS.items():
-            series = snap.get(name)
-            if not series:
-                continue
+        for name, kind, help_text, series in self.families():
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             for item in series:
                 labels = item["labels"]
                 if kind == "histogram":
                     for bound, count in item["buckets"]:
-                        le = "+Inf" if math.isinf(bound) else _number(bound)
-                        lines.append(f"{name}_bucket{_labels(labels, ('le', le))} {count}")
-                    lines.append(f"{name}_sum{_labels(labels)} {_number(item['sum'])}")
+                        lines.append(f"{name}_bucket{_labels(labels, ('le', format_bound(bound)))} {count}")
+                    lines.append(f"{name}_sum{_labels(labels)} {format_value(item['sum'])}")
                     lines.append(f"{name}_count{_labels(labels)} {item['count']}")
                 else:
-                    lines.append(f"{name}{_labels(labels)} {_number(item['value'])}")
+                    lines.append(f"{name}{_labels(labels)} {format_value(item['value'])}")
         return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -266,7 +287,13 @@ def _labels(labels: Mapping[str, str], *extra: Tuple[str, str]) -> str:
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in items) + "}"
 
 
-def _number(value: float) -> str:
+def format_bound(bound: float) -> str:
+    """A histogram bucket's ``le`` label value: ``"5"``, ``"2.5"``, ``"+Inf"``."""
+    return "+Inf" if math.isinf(bound) else format_value(bound)
+
+
+def format_value(value: float) -> str:
+    """A sample value as the text format writes it (integral values without ``.0``)."""
     value = float(value)
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))

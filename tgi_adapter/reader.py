@@ -84,6 +84,7 @@ class StreamReader:
         rng: Callable[[], float],
         sleep: Optional[Callable[[float], None]],
         on_connect_failure: Optional[Callable[[], None]],
+        on_retry: Optional[Callable[[int, float, WorkerError], None]],
         reactor: Reactor,
         workers: WorkerPool,
     ) -> None:
@@ -99,7 +100,8 @@ class StreamReader:
         self.reactor = reactor
         self.workers = workers
         self.attempts = Attempts(
-            retry, deadline=deadline, clock=clock, rng=rng, wait=_never_waits, label=f"task {channel.task_id}"
+            retry, deadline=deadline, clock=clock, rng=rng, wait=_never_waits, label=f"task {channel.task_id}",
+            on_retry=on_retry,
         )
         self.phase = _SEND
         self._unhook: Callable[[], None] = _nothing
@@ -183,7 +185,7 @@ class StreamReader:
             return self._finish()
         delay = self.attempts.decide(error)
         if delay is None:
-            self.channel.stats["outcome"] = error.code.value
+            self.channel.stats.update(outcome=error.code.value, error_message=error.full_message)
             self.channel.put([error.to_event()])
             return self._finish()
         sleep = self.sleep
@@ -361,7 +363,7 @@ class StreamReader:
             return self._finish()
         if not mapper.started_sent:
             return self._attempt_failed(error)
-        self._record(error.code.value)
+        self._record(error.code.value, error.full_message)
         self.channel.put([error.to_event()])
         return self._finish()
 
@@ -464,7 +466,7 @@ class StreamReader:
             self._record("cancelled")
             return self._finish()
         if mapper is not None and mapper.started_sent:
-            self._record(outcome.code.value)
+            self._record(outcome.code.value, outcome.full_message)
             self.channel.put([outcome.to_event()])
             return self._finish()
         return self._attempt_failed(outcome)
@@ -482,7 +484,7 @@ class StreamReader:
                 self._attempt_failed(error)
                 return False
             events.append(error.to_event())
-            self._record(error.code.value)
+            self._record(error.code.value, error.full_message)
         else:
             self._record("end")
         self.channel.put(events)
@@ -495,12 +497,14 @@ class StreamReader:
             return error_for("first_token_timeout", f"{self.timeouts.first_token:g}s passed {where}")
         return error_for("token_idle_timeout", f"{self.timeouts.token_idle:g}s without a data frame")
 
-    def _record(self, outcome: str) -> None:
+    def _record(self, outcome: str, message: Optional[str] = None) -> None:
         stats = self.channel.stats
         stats["outcome"] = outcome
+        stats["error_message"] = message
         mapper = self.mapper
         if mapper is None:
             return
+        stats["finish_reason"] = mapper.finish_reason
         stats["tokens_in"] = mapper.tokens_in
         # What the wire carried: the engine's own count once it ended, else the token frames seen.
         stats["tokens_out"] = mapper.tokens_out if mapper.done else mapper.frames_seen
@@ -524,7 +528,7 @@ class StreamReader:
             return
         self._stop_reading(release=False)
         if not self.channel.cancelled:
-            self.channel.stats["outcome"] = "INTERNAL"
+            self.channel.stats.update(outcome="INTERNAL", error_message=f"the adapter's stream reader failed: {exc!r}")
             self.channel.put([InternalError(f"the adapter's stream reader failed: {type(exc).__name__}").to_event()])
         self._finish()
 
