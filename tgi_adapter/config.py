@@ -41,6 +41,9 @@ class AdapterConfig:
         before sending (one more round trip per task).
     :param model: the ``model`` sent on the OpenAI routes; TGI reads any value
         other than ``"tgi"`` as a LoRA adapter id.
+    :param record: a cassette file: every engine exchange of the adapter is
+        appended to it as JSON Lines (see "Record and replay" in the README);
+        None (the default) records nothing.
     """
 
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -56,6 +59,7 @@ class AdapterConfig:
     info_ttl: float = 30.0
     tokenize_check: bool = False
     model: str = "tgi"
+    record: Union[None, str, os.PathLike[str]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeouts, Timeouts):
@@ -92,6 +96,11 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.tokenize_check must be a boolean")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("AdapterConfig.model must be a non-empty string")
+        if self.record is not None:
+            record: Any = self.record
+            if not isinstance(record, (str, os.PathLike)) or not os.fspath(record):
+                raise ValueError(f"AdapterConfig.record must be the path of a cassette file or None, got {record!r}")
+            object.__setattr__(self, "record", os.fspath(record))
 
     def __repr__(self) -> str:
         parts = []
@@ -116,6 +125,7 @@ ENV_VARS: Dict[str, str] = {
     "TGI_ADAPTER_FIRST_TOKEN_TIMEOUT": "Timeouts.first_token, seconds",
     "TGI_ADAPTER_TOKEN_IDLE_TIMEOUT": "Timeouts.token_idle, seconds",
     "TGI_ADAPTER_RETRY_ATTEMPTS": "RetryPolicy.attempts",
+    "TGI_ADAPTER_RECORD": "AdapterConfig.record, a cassette file to append every engine exchange to",
 }
 
 
@@ -135,7 +145,11 @@ def config_from_env(env: Mapping[str, str], base: Optional[AdapterConfig] = None
     changes: Dict[str, Any] = {}
     if env.get("TGI_ADAPTER_ROUTE"):
         changes["route"] = env["TGI_ADAPTER_ROUTE"].strip()
-    for key, name in (("pool_id", "TGI_ADAPTER_POOL_ID"), ("replica_id", "TGI_ADAPTER_REPLICA_ID")):
+    for key, name in (
+        ("pool_id", "TGI_ADAPTER_POOL_ID"),
+        ("replica_id", "TGI_ADAPTER_REPLICA_ID"),
+        ("record", "TGI_ADAPTER_RECORD"),
+    ):
         if env.get(name):
             changes[key] = env[name]
     verify = env.get("TGI_ADAPTER_VERIFY")
