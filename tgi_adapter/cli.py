@@ -194,7 +194,9 @@ def _adapter(args: argparse.Namespace) -> TgiHttpAdapter:
     if args.verify is not None:
         verify = False if args.verify.lower() in ("false", "no", "0") else args.verify
     timeouts = Timeouts(control=min(args.timeout, 600.0), first_token=args.timeout)
-    config = AdapterConfig(route=getattr(args, "route", "native"), verify=verify, timeouts=timeouts)
+    config = AdapterConfig(
+        route=getattr(args, "route", "native"), verify=verify, timeouts=timeouts, record=args.record
+    )
     token = args.token or os.environ.get("TGI_ADAPTER_TOKEN") or None
     return TgiHttpAdapter(url, token=token, config=config)
 
@@ -259,10 +261,13 @@ def _cmd_fake_server(args: argparse.Namespace) -> int:
         pace_s=args.pace_ms / 1000.0,
         api_key=args.api_key,
         faults=_faults(args.fault),
+        replay=args.replay,
+        speed=args.speed,
     )
     stop = threading.Event()
     with server:
-        print(f"fake TGI {args.tgi_version} listening at {server.url} (Ctrl-C to stop)", flush=True)
+        what = f" replaying {args.replay} at speed {args.speed:g}," if args.replay else ""
+        print(f"fake TGI {args.tgi_version}{what} listening at {server.url} (Ctrl-C to stop)", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
@@ -284,6 +289,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -327,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verify", help="a CA bundle path, or 'false' to skip certificate checks")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds (default 120)")
+        p.add_argument(
+            "--record", metavar="FILE", default=os.environ.get("TGI_ADAPTER_RECORD") or None,
+            help="append every exchange with the engine to this cassette (default: $TGI_ADAPTER_RECORD)",
+        )
 
     gen = sub.add_parser("generate", help="stream a completion from a TGI server to stdout")
     gen.add_argument("prompt")
@@ -354,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--pace-ms", type=float, default=0.0)
     fake.add_argument("--api-key", default=None, help="require this bearer token on generation routes")
     fake.add_argument("--fault", choices=sorted(set(DEMO_FAULTS) - {"refused"}), help="inject this fault")
+    fake.add_argument("--replay", metavar="FILE", help="serve the exchanges recorded in this cassette")
+    fake.add_argument(
+        "--speed", type=_speed, default=1.0, help="replay pace: recorded times divided by this (0: no waits)"
+    )
     fake.set_defaults(func=_cmd_fake_server)
     return parser
 

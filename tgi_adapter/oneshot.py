@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+from .cassette import Tape
 from .errors import WorkerError
 from .mapping import error_for, result_from_body
-from .reader import CancelWatch, Request, open_response, status_error
+from .reader import CancelWatch, Request, open_response, record_failure, status_error
 from .stream import StreamChannel
-from .transport import BodyReader, is_timeout, translate_exception
+from .transport import BodyReader, ending_of, is_timeout, translate_exception
 
 __all__ = ["Answer", "call_once"]
 
@@ -44,10 +45,12 @@ def call_once(
     if remaining <= 0:
         return error_for("deadline", "before the request could be sent")
     watch = CancelWatch(channel)
+    tape = request.tape()
     try:
         try:
             response = open_response(request, watch, min(connect_timeout, remaining), remaining)
         except Exception as exc:
+            record_failure(tape, exc, channel.cancelled)
             if channel.cancelled:
                 return None
             if is_timeout(exc) and clock() >= deadline - 0.001:
@@ -56,11 +59,13 @@ def call_once(
             if error.retriable:
                 on_connect_failure()
             return error
+        if tape is not None:
+            tape.headers(response.status_code, response.raw.headers)
         if response.status_code != 200:
-            return status_error(request, response)
+            return status_error(request, response, tape)
         reader = BodyReader(response)
         watch.watch_body(reader)
-        body = _read_all(reader, channel, deadline, clock, secrets)
+        body = _read_all(reader, channel, deadline, clock, secrets, tape)
         if not isinstance(body, bytes):
             return body
         elapsed_ms = int(round((clock() - t0) * 1000))
@@ -85,6 +90,7 @@ def _read_all(
     deadline: float,
     clock: Callable[[], float],
     secrets: Sequence[Optional[str]],
+    tape: Optional[Tape],
 ) -> Union[bytes, WorkerError, None]:
     """The whole body (the connection back in the pool), ``None`` when cancelled, or the error."""
     parts = []
@@ -93,18 +99,26 @@ def _read_all(
             left = deadline - clock()
             if left <= 0:
                 reader.abort()
+                if tape is not None:
+                    tape.end("timeout")
                 return error_for("deadline", "waiting for the answer")
             reader.settimeout(left)
             data = reader.read()
+            if tape is not None:
+                tape.chunk(data)
             if not data:
                 break
             parts.append(data)
     except Exception as exc:
         reader.abort()
+        if tape is not None:
+            tape.end("cancelled" if channel.cancelled else ending_of(exc) or "reset")
         if channel.cancelled:
             return None
         if is_timeout(exc):
             return error_for("deadline", "waiting for the answer")
         return translate_exception(exc, phase="read", secrets=secrets)
     reader.release()
+    if tape is not None:
+        tape.end("complete")
     return b"".join(parts)

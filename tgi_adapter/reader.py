@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import requests
 
+from .cassette import Recorder, Tape
 from .contract import TokenEvent
 from .errors import InternalError, WorkerError
 from .frames import FrameMapper
@@ -27,6 +28,8 @@ from .sse import FrameTooLarge, SseDecoder
 from .stream import StreamChannel
 from .transport import (
     BodyReader,
+    IncompleteBody,
+    ending_of,
     is_connect_timeout,
     is_timeout,
     shutdown_socket,
@@ -34,7 +37,17 @@ from .transport import (
     translate_exception,
 )
 
-__all__ = ["Attempts", "CancelWatch", "Request", "StreamReader", "open_response", "read_error_body", "status_error"]
+__all__ = [
+    "Attempts",
+    "CancelWatch",
+    "Request",
+    "StreamReader",
+    "open_response",
+    "read_error_body",
+    "record_failure",
+    "record_whole",
+    "status_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +62,11 @@ class Request:
 
     ``settings`` are the keyword arguments ``Session.request`` would give
     ``Session.send`` (proxies, ``verify``, ``cert``, ``stream``); see
-    :class:`~tgi_adapter.transport.SendPlan`.
+    :class:`~tgi_adapter.transport.SendPlan`. With a ``recorder`` each
+    attempt is recorded on its own :class:`~tgi_adapter.cassette.Tape`.
     """
 
-    __slots__ = ("session", "prepared", "settings", "secrets")
+    __slots__ = ("session", "prepared", "settings", "secrets", "recorder")
 
     def __init__(
         self,
@@ -60,11 +74,22 @@ class Request:
         prepared: requests.PreparedRequest,
         settings: Mapping[str, Any],
         secrets: Sequence[Optional[str]],
+        recorder: Optional[Recorder] = None,
     ) -> None:
         self.session = session
         self.prepared = prepared
         self.settings = settings
         self.secrets = secrets
+        self.recorder = recorder
+
+    def tape(self) -> Optional[Tape]:
+        """A tape for the attempt about to be sent, when recording."""
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        prepared = self.prepared
+        body = prepared.body if isinstance(prepared.body, bytes) else None
+        return recorder.begin(prepared.method or "POST", prepared.url or "/", prepared.headers, body)
 
     def send(self, connect_timeout: float, read_timeout: float) -> requests.Response:
         """Send and wait for the response headers (body not read)."""
@@ -111,15 +136,35 @@ def open_response(
         return request.send(connect_timeout, read_timeout)
 
 
-def status_error(request: Request, response: requests.Response) -> WorkerError:
+def status_error(request: Request, response: requests.Response, tape: Optional[Tape] = None) -> WorkerError:
     """The error for an answer other than 200 (its body read, clipped and redacted; the response closed)."""
+    body = read_error_body(response)
+    if tape is not None:
+        tape.chunk(body)
+        tape.end("complete")
     return error_from_status(
         response.status_code,
-        read_error_body(response),
+        body,
         response.headers.get("content-type", ""),
         retry_after_ms=retry_after_ms_from_headers(response.headers, time.time()),
         secrets=request.secrets,
     )
+
+
+def record_whole(tape: Optional[Tape], response: requests.Response) -> None:
+    """Record a response read whole by requests (a control call)."""
+    if tape is not None:
+        tape.headers(response.status_code, response.raw.headers if response.raw is not None else response.headers)
+        tape.chunk(response.content)
+        tape.end("complete")
+
+
+def record_failure(tape: Optional[Tape], exc: BaseException, cancelled: bool = False) -> None:
+    """End ``tape`` for an exchange that ``exc`` broke (nothing is written if it never reached the engine)."""
+    if tape is not None:
+        how = "cancelled" if cancelled else ending_of(exc)
+        if how is not None:
+            tape.end(how)
 
 
 def read_error_body(response: requests.Response) -> bytes:
@@ -209,6 +254,7 @@ class StreamReader:
         self.max_frame_bytes = max_frame_bytes
         self.clock = clock
         self.on_connect_failure = on_connect_failure
+        self.tape: Optional[Tape] = None
         self.attempts = Attempts(
             retry, deadline=deadline, clock=clock, rng=rng, wait=wait, label=f"task {channel.task_id}"
         )
@@ -238,19 +284,24 @@ class StreamReader:
         if remaining <= 0:
             return error_for("deadline", "before the request could be sent")
         watch = CancelWatch(channel)
+        tape = self.tape = self.request.tape()
         try:
             try:
                 connect, first = min(self.timeouts.connect, remaining), min(self.timeouts.first_token, remaining)
                 response = open_response(self.request, watch, connect, first)
             except Exception as exc:
+                record_failure(tape, exc, channel.cancelled)
                 if channel.cancelled:
                     return None
                 return self._send_failed(exc, t_sent)
+            if tape is not None:
+                tape.headers(response.status_code, response.raw.headers)
             if channel.cancelled:
                 response.close()
+                self._end_tape("cancelled")
                 return None
             if response.status_code != 200:
-                return status_error(self.request, response)
+                return status_error(self.request, response, tape)
             body = BodyReader(response)
             watch.watch_body(body)
             return self._read_loop(body, t_sent)
@@ -290,6 +341,7 @@ class StreamReader:
         idle = self.timeouts.token_idle
         limit = min(t_sent + self.timeouts.first_token, deadline)
         progressed = False
+        tape = self.tape
         while True:
             now = clock()
             wait = limit - now
@@ -303,12 +355,16 @@ class StreamReader:
             except Exception as exc:
                 if channel.cancelled:
                     break
+                self._end_tape("eof" if isinstance(exc, IncompleteBody) else "reset")
                 return self._fail(mapper, body, translate_exception(exc, phase="read", secrets=self.request.secrets))
+            if tape is not None:
+                tape.chunk(data)
             if not data:
                 if channel.cancelled:
                     break
                 now = clock()
                 events = mapper.at_eof(now)
+                self._end_tape("complete" if mapper.error is None else "eof")
                 return self._finish(mapper, body, events)
             try:
                 payloads = feed(data)
@@ -317,6 +373,7 @@ class StreamReader:
                 events = map_feed(exc.payloads, clock()) if exc.payloads else []
                 if events and not mapper.done:
                     put(events)
+                self._end_tape("cancelled")
                 return self._fail(mapper, body, error_for("frame_too_large", str(exc)))
             if payloads:
                 now = clock()
@@ -331,6 +388,7 @@ class StreamReader:
                     put(events)
         # A timer expired, or the stream was cancelled.
         body.abort()
+        self._end_tape("cancelled" if channel.cancelled else "timeout")
         if channel.cancelled:
             channel.stats["outcome"] = "cancelled"
             return None
@@ -359,6 +417,7 @@ class StreamReader:
                 self.channel.put(events[:-1])
                 events = events[-1:]
             self._drain(body)
+        self._end_tape("complete" if body.complete else "cancelled")
         if error is not None:
             if not mapper.started_sent:
                 if events:  # pragma: no cover - a mapper emits nothing before started
@@ -372,14 +431,22 @@ class StreamReader:
         return None
 
     def _drain(self, body: BodyReader) -> None:
+        tape = self.tape
         try:
             body.settimeout(_DRAIN_S)
             while not body.complete:
-                if not body.read():
+                data = body.read()
+                if tape is not None:
+                    tape.chunk(data)
+                if not data:
                     break
         except Exception:
             pass
         body.release()
+
+    def _end_tape(self, how: str) -> None:
+        if self.tape is not None:
+            self.tape.end(how)
 
     def _record(self, mapper: FrameMapper, outcome: str) -> None:
         stats = self.channel.stats

@@ -41,6 +41,7 @@ __all__ = [
     "IncompleteBody",
     "translate_exception",
     "shutdown_socket",
+    "ending_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -378,6 +379,22 @@ def translate_exception(exc: BaseException, *, phase: str, secrets: Sequence[Opt
         # engine could not be reached; once a body streams, it broke off.
         return error_for("connect_failed" if phase == "connect" else "reset", text, secrets=secrets)
     return error_for("server_error", f"{type(exc).__name__}: {text}", secrets=secrets)
+
+
+def ending_of(exc: BaseException) -> Optional[str]:
+    """How ``exc`` ended an exchange, as a cassette says it; None when the request never reached the engine."""
+    chain = _chain(exc)
+    if is_connect_timeout(exc):
+        return None
+    if is_timeout(exc):
+        return "timeout"
+    if any(isinstance(e, (IncompleteBody, http.client.RemoteDisconnected, http.client.IncompleteRead)) for e in chain):
+        return "eof"
+    if any(isinstance(e, (ConnectionResetError, BrokenPipeError)) for e in chain):
+        return "reset"
+    if translate_exception(exc, phase="connect").code.value == "POOL_UNAVAILABLE":
+        return None  # refused, unresolved, TLS or proxy failure: nothing was exchanged
+    return "reset"
 
 
 def _tls_detail(chain: Sequence[BaseException]) -> str:
