@@ -71,7 +71,8 @@ def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: 
         server.start()
     patient = AdapterConfig(retry=RetryPolicy(attempts=1), pool_maxsize=64)
     adapters = {
-        name: TgiHttpAdapter(server.url, config=patient if name == "cancel" else once) for name, server in servers.items()
+        name: TgiHttpAdapter(server.url, config=patient if name == "cancel" else once)
+        for name, server in servers.items()
     }
     try:
         kind_of: Dict[str, str] = {}

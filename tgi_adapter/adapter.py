@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from . import __about__, runtime, tracing
-from .attempts import Attempts, error_for_exception
+from .attempts import Attempts, error_for_exception, record_failure, record_whole
+from .cassette import Recorder, Tape
 from .config import AdapterConfig, config_from_env
 from .contract import EngineInfo, TaskLike, TaskRequest, WorkerAdapter, WorkerHealth, WorkerProps, as_task
 from .errors import InvalidParamsError, PoolUnavailableError, WorkerError
@@ -115,6 +116,12 @@ class TgiHttpAdapter(WorkerAdapter):
         self._secrets = (token,) + tuple(
             v for k, v in self.config.headers.items() if k.lower() in ("authorization", "x-api-key")
         )
+        self._recorder: Optional[Recorder] = None
+        if self.config.record is not None:
+            password = urlsplit(self.base_url).password
+            self._recorder = Recorder(
+                self.config.record, base_url=self.base_url, secrets=self._secrets + (password,), clock=clock
+            )
         self._owns_session = session is None
         self._session = session if session is not None else make_session(self.config.pool_maxsize)
         self._headers: Dict[str, str] = {
@@ -226,6 +233,10 @@ class TgiHttpAdapter(WorkerAdapter):
     def _url(self, path: str) -> str:
         return self.base_url + path
 
+    def _tape(self, method: str, path: str, body: Optional[bytes] = None) -> Optional[Tape]:
+        recorder = self._recorder
+        return None if recorder is None else recorder.begin(method, path, self._headers, body)
+
     def _control(
         self, path: str, *, retry: bool = True, total: Optional[float] = None
     ) -> Tuple[int, Mapping[str, str], bytes]:
@@ -238,6 +249,7 @@ class TgiHttpAdapter(WorkerAdapter):
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return error_for("connect_failed", f"no answer to {path} within Timeouts.control", retriable=False)
+            tape = self._tape("GET", path)
             try:
                 response = self._session.get(
                     self._url(path),
@@ -248,12 +260,14 @@ class TgiHttpAdapter(WorkerAdapter):
                     allow_redirects=False,
                 )
             except Exception as exc:
+                record_failure(tape, exc)
                 if is_timeout(exc):
                     return error_for("connect_failed", f"no answer to {path} within Timeouts.control")
                 error = error_for_exception(exc, phase="connect", secrets=self._secrets)
                 if error.retriable:
                     self._info_stale = True
                 return error
+            record_whole(tape, response)
             result["response"] = (response.status_code, response.headers, response.content)
             return None
 
@@ -416,25 +430,29 @@ class TgiHttpAdapter(WorkerAdapter):
             )
             if span is not None:
                 span.inject(headers)
-        request = self._plan.post(self._url(path), payload, headers, self._secrets)
+        request = self._plan.post(self._url(path), payload, headers, self._secrets, self._recorder)
         sampled_seed = task.seed if effective_sampling(task)["do_sample"] else None
         return task, request, started, sampled_seed, span
 
     def _prompt_tokens(self, task: TaskRequest, info: Optional[EngineInfo]) -> Optional[int]:
         if not self.config.tokenize_check or task.prompt is None or info is None:
             return None
+        body = json.dumps({"inputs": task.prompt}).encode("utf-8")
+        tape = self._tape("POST", "/tokenize", body)
         try:
             response = self._session.post(
                 self._url("/tokenize"),
-                data=json.dumps({"inputs": task.prompt}).encode("utf-8"),
+                data=body,
                 headers=self._headers,
                 timeout=(self.config.timeouts.connect, self.config.timeouts.control),
                 verify=self.config.verify,
                 cert=self.config.cert,
                 allow_redirects=False,
             )
+            record_whole(tape, response)
             tokens = response.json() if response.status_code == 200 else None
         except (requests.RequestException, ValueError) as exc:
+            record_failure(tape, exc)  # a no-op once the answer was recorded
             log.debug("tokenize check skipped: %s", redact_text(str(exc), self._secrets))
             return None
         return len(tokens) if isinstance(tokens, list) else None

@@ -13,12 +13,15 @@ import socket
 import time
 from typing import Callable, List, Optional, Protocol, Sequence
 
+import requests
+
 from .body import Head, shutdown_socket
+from .cassette import Tape
 from .errors import WorkerError
 from .mapping import error_for_failure, error_from_status
 from .retry import RetryPolicy, retry_after_ms_from_headers
 from .stream import StreamChannel
-from .transport import Request, classify_failure, socket_hook
+from .transport import Request, classify_failure, ending_of, socket_hook
 
 __all__ = [
     "Attempts",
@@ -26,6 +29,8 @@ __all__ = [
     "error_for_exception",
     "open_response",
     "read_error_body",
+    "record_failure",
+    "record_whole",
     "status_error",
 ]
 
@@ -79,15 +84,35 @@ def error_for_exception(exc: BaseException, *, phase: str, secrets: Sequence[Opt
     return error_for_failure(cause, detail, phase=phase, secrets=secrets)
 
 
-def status_error(request: Request, head: Head) -> WorkerError:
+def status_error(request: Request, head: Head, tape: Optional[Tape] = None) -> WorkerError:
     """The error for an answer other than 200 (its body read, clipped and redacted; the response closed)."""
+    body = read_error_body(head)
+    if tape is not None:
+        tape.chunk(body)
+        tape.end("complete")
     return error_from_status(
         head.status_code,
-        read_error_body(head),
+        body,
         head.headers.get("content-type", ""),
         retry_after_ms=retry_after_ms_from_headers(head.headers, time.time()),
         secrets=request.secrets,
     )
+
+
+def record_failure(tape: Optional[Tape], exc: BaseException, cancelled: bool = False) -> None:
+    """End ``tape`` for an exchange that ``exc`` broke (nothing is written if it never reached the engine)."""
+    if tape is not None:
+        how = "cancelled" if cancelled else ending_of(exc)
+        if how is not None:
+            tape.end(how)
+
+
+def record_whole(tape: Optional[Tape], response: requests.Response) -> None:
+    """Record a response that requests read whole (a control call)."""
+    if tape is not None:
+        tape.headers(response.status_code, response.raw.headers if response.raw is not None else response.headers)
+        tape.chunk(response.content)
+        tape.end("complete")
 
 
 def read_error_body(head: Head) -> bytes:

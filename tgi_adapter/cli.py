@@ -199,7 +199,10 @@ def _adapter(args: argparse.Namespace) -> TgiHttpAdapter:
     if not url:
         raise _UsageError("no engine URL: pass --url or set TGI_ADAPTER_URL")
     timeouts = Timeouts(control=min(args.timeout, 600.0), first_token=args.timeout)
-    config = AdapterConfig(route=getattr(args, "route", "native"), verify=_tls_verify(args.verify), timeouts=timeouts)
+    config = AdapterConfig(
+        route=getattr(args, "route", "native"), verify=_tls_verify(args.verify), timeouts=timeouts,
+        record=args.record,
+    )
     token = args.token or os.environ.get("TGI_ADAPTER_TOKEN") or None
     return TgiHttpAdapter(url, token=token, config=config)
 
@@ -281,12 +284,15 @@ def _cmd_fake_server(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         faults=_faults(args.fault),
         batch_sensitive=args.batch_sensitive,
+        replay=args.replay,
+        speed=args.speed,
     )
     stop = threading.Event()
     with server:
         traits = f", fault {args.fault}" if args.fault else ""
         traits += ", batch-sensitive" if args.batch_sensitive else ""
-        print(f"fake TGI {args.tgi_version} listening at {server.url}{traits} (Ctrl-C to stop)", flush=True)
+        what = f" replaying {args.replay} at speed {args.speed:g}," if args.replay else ""
+        print(f"fake TGI {args.tgi_version}{what} listening at {server.url}{traits} (Ctrl-C to stop)", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
@@ -343,6 +349,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -393,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verify", help="a CA bundle path, or 'false' to skip certificate checks")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds (default 120)")
+        p.add_argument(
+            "--record", metavar="FILE", default=os.environ.get("TGI_ADAPTER_RECORD") or None,
+            help="append every exchange with the engine to this cassette (default: $TGI_ADAPTER_RECORD)",
+        )
 
     gen = sub.add_parser("generate", help="stream a completion from a TGI server to stdout")
     gen.add_argument("prompt")
@@ -422,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--fault", choices=sorted(set(DEMO_FAULTS) - {"refused"}), help="inject this fault")
     fake.add_argument("--batch-sensitive", action="store_true",
                       help="the text of a request depends on how many others are in flight when it arrives")
+    fake.add_argument("--replay", metavar="FILE", help="serve the exchanges recorded in this cassette")
+    fake.add_argument(
+        "--speed", type=_speed, default=1.0, help="replay pace: recorded times divided by this (0: no waits)"
+    )
     fake.set_defaults(func=_cmd_fake_server)
 
     check = sub.add_parser("verify", help="check that TGI replicas give the same tokens (determinism)")

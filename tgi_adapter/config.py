@@ -43,6 +43,9 @@ class AdapterConfig:
         other than ``"tgi"`` as a LoRA adapter id.
     :param tracing: with ``opentelemetry-api`` installed, one span per task and
         its W3C ``traceparent`` sent to the engine; ``False`` turns both off.
+    :param record: a cassette file: every engine exchange of the adapter is
+        appended to it as JSON Lines (see "Record and replay" in the README);
+        None (the default) records nothing.
     """
 
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -59,6 +62,7 @@ class AdapterConfig:
     tokenize_check: bool = False
     model: str = "tgi"
     tracing: bool = True
+    record: Union[None, str, os.PathLike[str]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeouts, Timeouts):
@@ -97,6 +101,11 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.model must be a non-empty string")
         if not isinstance(self.tracing, bool):
             raise ValueError(f"AdapterConfig.tracing must be True or False, got {self.tracing!r}")
+        if self.record is not None:
+            record: Any = self.record
+            if not isinstance(record, (str, os.PathLike)) or not os.fspath(record):
+                raise ValueError(f"AdapterConfig.record must be the path of a cassette file or None, got {record!r}")
+            object.__setattr__(self, "record", os.fspath(record))
 
     def __repr__(self) -> str:
         parts = []
@@ -121,6 +130,7 @@ ENV_VARS: Dict[str, str] = {
     "TGI_ADAPTER_FIRST_TOKEN_TIMEOUT": "Timeouts.first_token, seconds",
     "TGI_ADAPTER_TOKEN_IDLE_TIMEOUT": "Timeouts.token_idle, seconds",
     "TGI_ADAPTER_RETRY_ATTEMPTS": "RetryPolicy.attempts",
+    "TGI_ADAPTER_RECORD": "AdapterConfig.record, a cassette file to append every engine exchange to",
 }
 
 
@@ -140,7 +150,11 @@ def config_from_env(env: Mapping[str, str], base: Optional[AdapterConfig] = None
     changes: Dict[str, Any] = {}
     if env.get("TGI_ADAPTER_ROUTE"):
         changes["route"] = env["TGI_ADAPTER_ROUTE"].strip()
-    for key, name in (("pool_id", "TGI_ADAPTER_POOL_ID"), ("replica_id", "TGI_ADAPTER_REPLICA_ID")):
+    for key, name in (
+        ("pool_id", "TGI_ADAPTER_POOL_ID"),
+        ("replica_id", "TGI_ADAPTER_REPLICA_ID"),
+        ("record", "TGI_ADAPTER_RECORD"),
+    ):
         if env.get(name):
             changes[key] = env[name]
     verify = env.get("TGI_ADAPTER_VERIFY")

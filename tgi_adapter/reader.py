@@ -28,8 +28,9 @@ import socket
 import threading
 from typing import Any, Callable, List, Optional
 
-from .attempts import Attempts, CancelWatch, error_for_exception, open_response, status_error
-from .body import BodyReader, Head, SocketBody
+from .attempts import Attempts, CancelWatch, error_for_exception, open_response, record_failure, status_error
+from .body import BodyReader, Head, IncompleteBody, SocketBody
+from .cassette import Tape
 from .errors import InternalError, WorkerError
 from .events import TokenEvent
 from .frames import FrameMapper
@@ -116,6 +117,8 @@ class StreamReader:
         self.timer: Optional[Timer] = None
         self.timer_at = 0.0
         self.held: Optional[List[TokenEvent]] = None  # the final events, waiting for the body's last bytes
+        self.tape: Optional[Tape] = None  # when the adapter records: this attempt's exchange
+        self.eof = False  # the body ended before the stream's final frame
 
     # -- any thread ----------------------------------------------------------------
 
@@ -139,21 +142,26 @@ class StreamReader:
             return self._post(self._attempt_failed, error_for("deadline", "before the request could be sent"))
         watch = CancelWatch(channel)
         timeouts = self.timeouts
+        tape = self.tape = self.request.tape()
         try:
             head = open_response(
                 self.request, watch, min(timeouts.connect, remaining), min(timeouts.first_token, remaining)
             )
         except Exception as exc:
             watch.disarm()
+            record_failure(tape, exc, channel.cancelled)
             if channel.cancelled:
                 return self._post(self._finish)
             return self._post(self._attempt_failed, self._send_failed(exc, t_sent))
+        if tape is not None:
+            tape.headers(head.status_code, head.raw.headers)
         if channel.cancelled:
             head.close()
             watch.disarm()
+            self._end_tape("cancelled")
             return self._post(self._finish)
         if head.status_code != 200:
-            error = status_error(self.request, head)
+            error = status_error(self.request, head, tape)
             watch.disarm()
             return self._post(self._attempt_failed, error)
         body = SocketBody.take(head)
@@ -216,6 +224,7 @@ class StreamReader:
         elif self.phase == _READ:
             self._record("cancelled")
             self._stop_reading(release=False)
+            self._end_tape("cancelled")
             self._finish()
         # Sending and fallback reading see the flag themselves (their socket is shut down already).
 
@@ -225,6 +234,7 @@ class StreamReader:
         if self.channel.cancelled:
             body.abort()
             watch.disarm()
+            self._end_tape("cancelled")
             return self._finish()
         self._setup_attempt(t_sent)
         self.phase = _READ
@@ -241,6 +251,7 @@ class StreamReader:
         self.t_sent = t_sent
         self.progressed = False
         self.held = None
+        self.eof = False
         self.limit = min(t_sent + self.timeouts.first_token, self.deadline)
 
     def _on_readable(self) -> None:
@@ -251,6 +262,8 @@ class StreamReader:
             data = body.pull()
             if data is None:
                 return
+            if self.tape is not None:
+                self.tape.chunk(data)
             if self.held is not None:  # draining: only the body's end is awaited
                 if body.framing.complete:
                     self._deliver_final(release=True)
@@ -262,8 +275,11 @@ class StreamReader:
             if body.framing.complete:
                 mapper = self.mapper
                 assert mapper is not None
-                return self._final(mapper.at_eof(self.clock()))
+                events = mapper.at_eof(self.clock())
+                self.eof = mapper.error is not None  # the body ended before its final frame
+                return self._final(events)
         except _Stop as stop:
+            self._end_tape("cancelled")  # the adapter stopped reading
             self._attempt_over(stop.error)
         except Exception as exc:
             if self.channel.cancelled:
@@ -271,6 +287,7 @@ class StreamReader:
             elif self.held is not None:
                 self._deliver_final(release=False)
             else:
+                self._end_tape("eof" if isinstance(exc, IncompleteBody) else "reset")
                 self._attempt_over(error_for_exception(exc, phase="read", secrets=self.request.secrets))
         return None
 
@@ -285,6 +302,7 @@ class StreamReader:
             self._arm(self.limit - now)
             return None
         where = "waiting for the first data frame"
+        self._end_tape("timeout")
         self._attempt_over(self._timer_error(progressed=self.progressed, where=where))
         return None
 
@@ -350,6 +368,7 @@ class StreamReader:
         mapper = self.mapper
         assert mapper is not None
         self._stop_reading(release=release)
+        self._end_tape("eof" if self.eof else "complete" if release else "cancelled")
         if self._end_with(mapper, events):
             self._finish()
 
@@ -412,23 +431,29 @@ class StreamReader:
             body.settimeout(wait)
             try:
                 data = body.read()
+                if self.tape is not None:
+                    self.tape.chunk(data)
                 if not data:
                     events = mapper.at_eof(clock())
+                    self.eof = mapper.error is not None
                     return self._blocking_final(body, mapper, events)
                 final = self._consume(data)
             except socket.timeout:
                 break
             except _Stop as stop:
                 body.abort()
+                self._end_tape("cancelled")
                 return stop.error
             except Exception as exc:
                 if channel.cancelled:
                     break
                 body.abort()
+                self._end_tape("eof" if isinstance(exc, IncompleteBody) else "reset")
                 return error_for_exception(exc, phase="read", secrets=self.request.secrets)
             if final is not None:
                 return self._blocking_final(body, mapper, final)
         body.abort()
+        self._end_tape("cancelled" if channel.cancelled else "timeout")
         if channel.cancelled:
             return None
         return self._timer_error(progressed=self.progressed, where="waiting for the first data frame")
@@ -443,11 +468,16 @@ class StreamReader:
                 events = events[-1:]
             try:
                 body.settimeout(_DRAIN_S)
-                while not body.complete and body.read():
-                    pass
+                while not body.complete:
+                    data = body.read()
+                    if self.tape is not None:
+                        self.tape.chunk(data)
+                    if not data:
+                        break
             except Exception:  # the rest never came: the connection is not reused
                 pass
             body.release()
+        self._end_tape("eof" if self.eof else "complete" if body.complete else "cancelled")
         self.held = events
         return None
 
@@ -489,6 +519,11 @@ class StreamReader:
             self._record("end")
         self.channel.put(events)
         return True
+
+    def _end_tape(self, how: str) -> None:
+        tape, self.tape = self.tape, None
+        if tape is not None:
+            tape.end(how)
 
     def _timer_error(self, *, progressed: bool, where: str) -> WorkerError:
         if self.clock() >= self.deadline - 0.001:

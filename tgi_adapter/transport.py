@@ -37,6 +37,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .body import Head, IncompleteBody
+from .cassette import Recorder, Tape
 
 __all__ = [
     "make_session",
@@ -46,6 +47,7 @@ __all__ = [
     "Failure",
     "FAILURE_CAUSES",
     "classify_failure",
+    "ending_of",
     "is_timeout",
 ]
 
@@ -165,7 +167,14 @@ class SendPlan:
         self.cert = cert
         self._plans: Dict[str, Tuple[requests.PreparedRequest, Dict[str, Any]]] = {}
 
-    def post(self, url: str, body: bytes, headers: Mapping[str, str], secrets: Sequence[Optional[str]]) -> Request:
+    def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        secrets: Sequence[Optional[str]],
+        recorder: Optional[Recorder] = None,
+    ) -> Request:
         """A POST of ``body`` to ``url`` with ``headers`` added, ready to send (more than once if need be)."""
         plan = self._plans.get(url)
         if plan is None:  # a race makes two equal plans; either will do
@@ -179,7 +188,7 @@ class SendPlan:
         assert prepared.headers is not None
         prepared.headers["Content-Length"] = str(len(body))
         prepared.headers.update(headers)
-        return Request(self.session, prepared, settings, secrets)
+        return Request(self.session, prepared, settings, secrets, recorder)
 
 
 # requests' own HTTPAdapter.send, as long as nothing (a mocking library, say) replaced it.
@@ -190,10 +199,12 @@ class Request:
     """One prepared HTTP request as a reader sends it (possibly several times).
 
     ``settings`` are the keyword arguments ``Session.request`` would give
-    ``Session.send`` (proxies, ``verify``, ``cert``, ``stream``).
+    ``Session.send`` (proxies, ``verify``, ``cert``, ``stream``). With a
+    ``recorder`` each attempt is recorded on its own
+    :class:`~tgi_adapter.cassette.Tape`.
     """
 
-    __slots__ = ("session", "prepared", "settings", "secrets")
+    __slots__ = ("session", "prepared", "settings", "secrets", "recorder")
 
     def __init__(
         self,
@@ -201,11 +212,22 @@ class Request:
         prepared: requests.PreparedRequest,
         settings: Mapping[str, Any],
         secrets: Sequence[Optional[str]],
+        recorder: Optional[Recorder] = None,
     ) -> None:
         self.session = session
         self.prepared = prepared
         self.settings = settings
         self.secrets = secrets
+        self.recorder = recorder
+
+    def tape(self) -> Optional[Tape]:
+        """A tape for the attempt about to be sent, when recording."""
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        prepared = self.prepared
+        body = prepared.body if isinstance(prepared.body, bytes) else None
+        return recorder.begin(prepared.method or "POST", prepared.url or "/", prepared.headers, body)
 
     def send(self, connect_timeout: float, read_timeout: float) -> Head:
         """Send and wait for the response headers (the body is not read). Raises what sending raises."""
@@ -342,6 +364,19 @@ def _tls_detail(chain: Sequence[BaseException]) -> str:
         if isinstance(e, ssl.SSLError):
             return f"TLS error: {e.reason or e}"
     return "TLS error"
+
+
+def ending_of(exc: BaseException) -> Optional[str]:
+    """How ``exc`` ended an exchange, as a cassette says it; None when the request never reached the engine."""
+    cause = classify_failure(exc).cause
+    if cause in ("tls", "proxy", "dns", "refused", "connect", "connect_timeout", "invalid_url"):
+        return None  # nothing was exchanged
+    if cause == "read_timeout":
+        return "timeout"
+    chain = _chain(exc)
+    if any(isinstance(e, (IncompleteBody, http.client.RemoteDisconnected, http.client.IncompleteRead)) for e in chain):
+        return "eof"
+    return "reset"
 
 
 def is_timeout(exc: BaseException) -> bool:

@@ -14,6 +14,7 @@ import email.utils
 import http
 import json
 import logging
+import os
 import random
 import select
 import socket
@@ -27,6 +28,7 @@ from typing import Any
 
 from .fake_engine import Fault, Limits, Profile, Reply
 from .fake_render import Frame, Job, MetricsState, Stream, TgiRoutes, render_metrics, status_reply
+from .replay import Miss, Replay, plan
 
 __all__ = ["Disconnect", "FakeTgiServer", "RecordedRequest"]
 
@@ -62,7 +64,8 @@ class Disconnect:
     """A client that went away before its response was complete.
 
     :ivar t: ``time.monotonic()`` when the server noticed.
-    :ivar tokens_sent: token frames written before that.
+    :ivar tokens_sent: token frames written before that (for a replayed
+        exchange: recorded chunks written).
     """
 
     path: str
@@ -194,7 +197,13 @@ class FakeTgiServer:
         numerics change with batch composition does: with ``n`` others in
         flight, the text parts from the idle one at token ``n``, the same way
         for the same request and ``n``.
-    :raises ValueError: on an unknown version or inconsistent limits.
+    :param replay: a cassette file (recorded with ``AdapterConfig(record=...)``) to
+        serve: each request gets the recorded answer that matches it (see
+        "Record and replay" in the README); ``/info`` and ``/health`` not in it
+        are the fake's own.
+    :param speed: the recorded pace is divided by this; 0 sends at once.
+    :raises ValueError: on an unknown version, inconsistent limits, or a
+        malformed cassette (the message names the file and line).
     """
 
     def __init__(
@@ -224,8 +233,11 @@ class FakeTgiServer:
         eos_after: int | None = None,
         utf8_split: bool = False,
         batch_sensitive: bool = False,
+        replay: str | os.PathLike[str] | None = None,
+        speed: float = 1.0,
     ) -> None:
         self._profile = Profile(version)
+        self._replay = Replay(replay, speed) if replay is not None else None
         if api_key is not None and not self._profile.ge(2, 3):
             raise ValueError("api_key needs TGI >= 2.3.0 (--api-key did not exist before)")
         if min(pace_s, prefill_s) < 0 or keepalive_s <= 0:
@@ -590,6 +602,8 @@ class FakeTgiServer:
             self._cond.notify_all()
         conn.keep_alive = request.keep_alive
         path = request.path
+        if self._replay is not None and self._serve_replayed(conn, request):
+            return
         fault = self._take_fault(path)
         log.debug("%s %s (fault %s)", request.method, request.target, fault and fault.kind)
         conn.sent, conn.cut = 0, None
@@ -625,6 +639,39 @@ class FakeTgiServer:
             self._complete(conn, 0)
             raise
         self._serve(conn, path, answer, fault, extra)
+
+    def _serve_replayed(self, conn: _Conn, request: _Request) -> bool:
+        """Answer from the cassette; False when the fake's own answer is wanted."""
+        assert self._replay is not None
+        found = self._replay.answer(request.method, request.target, request.body)
+        if found is None:
+            return False
+        conn.sent, conn.cut = 0, None
+        if isinstance(found, Miss):
+            self._serve(conn, request.path, Reply(404, (("content-type", "application/json"),), found.body), None, ())
+            return True
+        steps, t0, sent = plan(found, self._replay.speed), time.monotonic(), 0
+        try:
+            if steps.status:
+                self._pause(conn, t0 + steps.headers_at - time.monotonic(), keepalive=False)
+                conn.send(self._head(steps.status, steps.headers, steps.length, conn.keep_alive))
+            for at, data in steps.chunks if steps.status else ():
+                self._pause(conn, t0 + at - time.monotonic(), keepalive=False)
+                conn.send(data if steps.length is not None else b"%X\r\n%s\r\n" % (len(data), data))
+                sent += 1
+            self._pause(conn, t0 + steps.end_at - time.monotonic(), keepalive=False)
+            if steps.end == "complete":
+                if steps.length is None:
+                    conn.send(b"0\r\n\r\n")
+            elif steps.end in ("reset", "eof"):
+                conn.abort("reset" if steps.end == "reset" else "close")
+                raise _Cut
+            else:  # "timeout" or "cancelled": nothing more was recorded, so nothing more comes
+                self._hold(conn, None)
+        except _Gone:
+            self._record_disconnect(request.path, sent)
+            raise
+        return True
 
     def _take_fault(self, path: str) -> Fault | None:
         with self._lock:
