@@ -49,6 +49,8 @@ class Sampler(threading.Thread):
         self.phase = "setup"
         self.peaks: Dict[str, Dict[str, int]] = {}
         self._halt = threading.Event()
+        #: Held while sampling: a probe reading /proc holds a descriptor open for a moment.
+        self.lock = threading.Lock()
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -56,9 +58,10 @@ class Sampler(threading.Thread):
             self._halt.wait(SAMPLE_S)
 
     def sample(self) -> None:
-        peak = self.peaks.setdefault(self.phase, dict.fromkeys(PROBES, 0))
-        for key, probe in PROBES.items():
-            peak[key] = max(peak[key], probe())
+        with self.lock:
+            peak = self.peaks.setdefault(self.phase, dict.fromkeys(PROBES, 0))
+            for key, probe in PROBES.items():
+                peak[key] = max(peak[key], probe())
 
     def switch(self, phase: str) -> None:
         self.sample()  # the end of the phase before
@@ -104,7 +107,8 @@ def measure(client_key: str, port: int, n: int, tokens: int, pace_ms: float) -> 
     sampler.start()
     server_open = int(server.stats()["open"])  # first: the control connection is part of the baseline
     gc.collect()
-    base = {"threads": threads_now(), "library_threads": library_threads(), "fds": fds_now()}
+    with sampler.lock:
+        base = {"threads": threads_now(), "library_threads": library_threads(), "fds": fds_now()}
     problems: List[str] = []
     cls = CLIENTS[client_key]
     client: BurstClient = cls(server, n)
