@@ -23,7 +23,7 @@ def _open_stalled(adapter: TgiHttpAdapter, server: ImitationServer, n: int) -> L
     deadline = time.monotonic() + 30
     while server.stats()["active_scheduled"] < before + n and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)  # headers are out: let every reader reach its blocking read
+    time.sleep(0.2)  # headers are out: let the reader take up every socket
     return streams
 
 
@@ -68,10 +68,11 @@ def run_memory(server: ImitationServer, *, streams: int) -> Section:
         ["file descriptors", str(fds), fmt(fds / streams)],
     ]
     section.notes.append(
-        "Each stream: headers received, its reader thread blocked reading the body. RSS includes the touched "
-        "part of each reader thread's stack; tracemalloc counts Python allocations only (a second, identical "
-        f"round). Threads after closing every stream: {threads_after} (baseline {base_threads})."
+        "Each stream: headers received, the body not started, its socket watched by the library's shared "
+        "reader (threads: what the process runs beyond the baseline, taken after one stream had started the "
+        "shared threads). tracemalloc counts Python allocations only (a second, identical round). Threads after "
+        f"closing every stream: {threads_after} (baseline {base_threads})."
     )
     if threads_after > base_threads:
-        section.failures.append(f"memory: {threads_after - base_threads} reader threads left after close()")
+        section.failures.append(f"memory: {threads_after - base_threads} threads left after close()")
     return section

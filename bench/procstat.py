@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable, Tuple
+
+#: The names of the threads tgi_adapter starts: the shared reader and workers, and a stream's own reader
+#: (for a transport without a socket).
+LIBRARY_THREAD_PREFIXES = ("tgi-adapter-", "tgi-stream-")
 
 
 def _status(key: str) -> str:
@@ -17,6 +22,11 @@ def _status(key: str) -> str:
 
 def threads_now() -> int:
     return int(_status("Threads"))
+
+
+def library_threads() -> int:
+    """Threads tgi_adapter runs now, told apart by name from the benchmark's own."""
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith(LIBRARY_THREAD_PREFIXES))
 
 
 def fds_now() -> int:

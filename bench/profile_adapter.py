@@ -5,9 +5,11 @@
 
 By default, reads ``--streams`` streams of ``--tokens`` tokens from the TGI
 imitation through ``TgiHttpAdapter.submit().collect()`` under ``cProfile``
-(per-thread CPU time), profiling both the consumer (this thread) and every
-stream's reader thread, and prints each side's functions by own time, plus
-the wall and CPU time per token without the profiler for scale.
+(per-thread CPU time), profiling the consumer (this thread), the shared
+reader thread and the worker threads (sending, response headers), and prints
+each side's functions by own time, plus the wall and CPU time per token
+without the profiler for scale. Many one-token streams (``--tokens 1
+--streams 500``) show where sending a request goes.
 
 ``--stages`` times each stage of the read path on its own, without sockets
 or threads, on the imitation's exact bytes cut into 64 KiB reads (what one
@@ -26,7 +28,7 @@ import pstats
 import sys
 import threading
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
@@ -34,18 +36,23 @@ from clients import AdapterClient  # noqa: E402
 from server_proc import ImitationServer  # noqa: E402
 from tgi_imitation import render_stream  # noqa: E402
 
-from tgi_adapter import reader as reader_module  # noqa: E402
+from tgi_adapter import runtime  # noqa: E402
 from tgi_adapter.chunked import ChunkedDecoder  # noqa: E402
 from tgi_adapter.contract import TokenEvent  # noqa: E402
 from tgi_adapter.frames import NativeFrames  # noqa: E402
+from tgi_adapter.reactor import Reactor  # noqa: E402
 from tgi_adapter.sse import SseDecoder  # noqa: E402
 from tgi_adapter.stream import StreamChannel, TokenStream  # noqa: E402
+from tgi_adapter.workers import WorkerPool  # noqa: E402
 
 _lock = threading.Lock()
-_reader_profiles: List[cProfile.Profile] = []
+# The shared threads' profiles, by kind: "reader" and "worker".
+_shared_profiles: Dict[str, List[cProfile.Profile]] = {"reader": [], "worker": []}
 
 
-def _profiled_run(original: Any) -> Any:
+def _profiled(kind: str, original: Any) -> Any:
+    """``original`` (a shared thread's body) run under a profile of its own thread's CPU time."""
+
     def run(self: Any) -> None:
         profile = cProfile.Profile(time.thread_time)
         profile.enable()
@@ -54,9 +61,17 @@ def _profiled_run(original: Any) -> Any:
         finally:
             profile.disable()
             with _lock:
-                _reader_profiles.append(profile)
+                _shared_profiles[kind].append(profile)
 
     return run
+
+
+def _wait_shared_threads_gone(timeout: float = 10.0) -> None:
+    """Once no adapter is open, the shared threads end within moments (their profiles are then complete)."""
+    deadline = time.monotonic() + timeout
+    runtime.reactor().wait_stopped(timeout)
+    while runtime.workers().threads and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _table(stats: pstats.Stats, title: str, top: int) -> str:
@@ -170,8 +185,16 @@ def main() -> None:
                 client.run(n)
             wall = (time.perf_counter() - t0) / (args.streams * n) * 1e6
             cpu = (time.process_time() - c0) / (args.streams * n) * 1e6
-            print(f"without the profiler: {wall:.2f} us/token wall, {cpu:.2f} us/token CPU (both threads)")
-            reader_module.StreamReader.run = _profiled_run(reader_module.StreamReader.run)  # type: ignore[method-assign]
+            print(f"without the profiler: {wall:.2f} us/token wall, {cpu:.2f} us/token CPU (every thread)")
+        finally:
+            client.close()
+        # The shared threads started above end once no adapter is open; the next ones run under a profile.
+        _wait_shared_threads_gone()
+        Reactor._run = _profiled("reader", Reactor._run)  # type: ignore[method-assign]
+        WorkerPool._work = _profiled("worker", WorkerPool._work)  # type: ignore[method-assign]
+        client = AdapterClient(server.url)
+        try:
+            client.run(1)  # the connection and /info again, as short as a stream gets
             consumer = cProfile.Profile(time.thread_time)
             consumer.enable()
             for _ in range(args.streams):
@@ -179,11 +202,17 @@ def main() -> None:
             consumer.disable()
         finally:
             client.close()
-    readers = pstats.Stats(_reader_profiles[0])
-    for extra in _reader_profiles[1:]:
-        readers.add(extra)
+        _wait_shared_threads_gone()
     print(_table(pstats.Stats(consumer), "consumer thread (submit + collect)", args.top))
-    print(_table(readers, "reader threads", args.top))
+    for kind, title in (("reader", "the shared reader thread"), ("worker", "worker threads (send, response headers)")):
+        profiles = _shared_profiles[kind]
+        if not profiles:
+            print(f"== {title}: none ran ==")
+            continue
+        merged = pstats.Stats(profiles[0])
+        for extra in profiles[1:]:
+            merged.add(extra)
+        print(_table(merged, f"{title} ({len(profiles)} thread(s))", args.top))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,49 @@ def source_digest(package_dir: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def _proc_field(path: str, key: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU model"
+
+
+def memory_total() -> str:
+    total = _proc_field("/proc/meminfo", "MemTotal")  # "<n> kB"
+    if not total:
+        return "unknown"
+    return f"{fmt(int(total.split()[0]) / 2**20, 1)} GiB"
+
+
+def scrub_paths(text: str, repo: str) -> str:
+    """``text`` without the absolute paths of the checkout, the interpreter or the home directory.
+
+    A results file says which code and which Python ran (versions, revision,
+    digest), never where they sat on the machine that ran them; tracebacks and
+    error messages quoted in it would otherwise carry those paths.
+    """
+    places = [(os.path.abspath(repo), ".")]
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}:
+        places.append((prefix, "<python>"))
+    home = os.path.expanduser("~")
+    if home not in ("", "/", "~"):
+        places.append((home, "~"))
+    # Longest first: the checkout may sit under the home directory, a venv under the checkout.
+    for path, name in sorted(places, key=lambda place: len(place[0]), reverse=True):
+        if len(path) > 1:
+            text = text.replace(path, name)
+    return text
+
+
 def environment(command: str, repo: str, started: datetime.datetime, load_before: Tuple[float, ...]) -> str:
     import tgi_adapter
 
@@ -133,27 +176,29 @@ def environment(command: str, repo: str, started: datetime.datetime, load_before
         f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S %Z').strip()} (local), "
         f"{datetime.datetime.now(started.tzinfo).replace(microsecond=0) - started.replace(microsecond=0)} to run",
         f"- Command: `{command}`",
-        f"- Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        f"- Python: {platform.python_implementation()} {platform.python_version()} "
+        f"({platform.python_build()[1]}, {platform.python_compiler()})",
         f"- Platform: {platform.platform()}",
-        f"- CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})"
+        f"- CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))}), {cpu_model()}"
         if hasattr(os, "sched_getaffinity")
-        else f"- CPUs: {os.cpu_count()}",
+        else f"- CPUs: {os.cpu_count()}, {cpu_model()}",
+        f"- Memory: {memory_total()}",
         "- Load average (1, 5, 15 min): before "
         + ", ".join(fmt(v) for v in load_before)
         + "; after "
         + ", ".join(fmt(v) for v in load_average()),
-        f"- tgi_adapter: {tgi_adapter.__version__} from {os.path.dirname(tgi_adapter.__file__)}, "
-        f"git {git_revision(repo)}, sources sha256 {source_digest(os.path.dirname(tgi_adapter.__file__))}",
+        f"- tgi_adapter: {tgi_adapter.__version__}, git {git_revision(repo)}, "
+        f"sources sha256 {source_digest(os.path.dirname(tgi_adapter.__file__))}",
         "- Packages: " + ", ".join(f"{name} {version_of(name)}" for name in PACKAGES),
     ]
     return "\n".join(lines)
 
 
-def document(title: str, env: str, sections: Sequence[Section]) -> str:
+def document(title: str, env: str, sections: Sequence[Section], repo: str) -> str:
     checks = [check for section in sections for check in section.checks]
     failures = [failure for section in sections for failure in section.failures]
     summary = ["## Targets", ""] + [check.line() for check in checks]
     if failures:
         summary += ["", f"**{len(failures)} correctness failure(s)**: " + "; ".join(failures)]
     parts = [f"# {title}", "", env, ""] + [section.markdown() for section in sections] + ["\n".join(summary), ""]
-    return "\n".join(parts)
+    return scrub_paths("\n".join(parts), repo)

@@ -196,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             failed.failures.append(f"the {part} benchmark crashed")
             sections.append(failed)
     title = f"tgi_adapter benchmarks, {started:%Y-%m-%d}, Python {sys.version_info[0]}.{sys.version_info[1]}"
-    text = document(title, environment(command, REPO, started, load_before), sections)
+    text = document(title, environment(command, REPO, started, load_before), sections, REPO)
     output = args.output or default_output(args, started)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output + ".tmp", "w", encoding="utf-8") as f:

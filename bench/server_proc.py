@@ -41,6 +41,13 @@ class ImitationServer:
         self.port = 0
         self._control: Optional[http.client.HTTPConnection] = None
 
+    @classmethod
+    def attach(cls, port: int) -> ImitationServer:
+        """A control handle on a plain-HTTP imitation another process started (it does not stop it)."""
+        server = cls(tokens=0)
+        server.port = port
+        return server
+
     @property
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
