@@ -137,8 +137,9 @@ def test_leaving_the_with_block_closes_what_is_open(server: FakeTgiServer, make_
     with TgiHttpAdapter(server.url) as adapter:
         streams = [adapter.submit(make_task(max_tokens=20, deadline_ms=30_000)) for _ in range(2)]
         with StreamSet(streams) as group:
-            while sum(1 for _, e in group.poll(5.0) if e.kind == "started") < 1:
-                pass
+            started = 0
+            while started < 2:  # both requests reached the engine
+                started += sum(1 for _, e in group.poll(5.0) if e.kind == "started")
         assert all(s.cancelled for s in streams) and adapter.in_flight == 0
         assert server.wait_for_disconnect(timeout=5.0, count=2)
 
