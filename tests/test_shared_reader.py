@@ -227,3 +227,17 @@ def test_a_transport_without_a_socket_falls_back_to_a_thread_of_its_own(make_tas
     check_contract(events)
     assert "".join(e.data["t"] for e in events if e.kind == "token") == " w0 w1 w2"
     assert body.readers and set(body.readers) == {f"tgi-stream-{task.task_id}"}  # its own thread read it
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncate"])
+def test_a_tls_connection_broken_mid_stream_is_a_reset(
+    tls: Tuple[ssl.SSLContext, str], make_task: MakeTask, fault: str
+) -> None:
+    context, ca_file = tls
+    config = AdapterConfig(verify=ca_file, retry=RetryPolicy(attempts=1))
+    with FakeTgiServer(ssl_context=context, pace_s=0.001, faults=[Fault(fault, at_token=4)]) as server:
+        with TgiHttpAdapter(server.url, config=config) as adapter:
+            events = list(adapter.submit(make_task(max_tokens=30)))
+    check_contract(events)
+    assert [e.kind for e in events].count("token") == 4
+    assert events[-1].data["code"] == "WORKER_RESET" and events[-1].data["retriable"] is True

@@ -275,13 +275,36 @@ class SocketBody:
                 self.framing.at_close()
                 return b""
             if self._tls:
-                # Decrypted bytes left in the SSL object make no socket readable.
-                sock: Any = self.sock
-                left = sock.pending()
-                while left:
-                    raw += self._recv(left)
-                    left = sock.pending()
+                raw = self._more_tls(raw)
         return self.framing.feed(raw)
+
+    def _more_tls(self, raw: bytes) -> bytes:
+        """What else TLS has ready now, up to one read's worth, and every byte left decrypted.
+
+        One TLS ``recv`` returns at most one record, and a server that writes
+        each frame on its own makes one record per token: taking the records
+        already here in one go keeps the per-read work per batch, not per
+        token. Decrypted bytes left in the SSL object make no socket
+        readable, so they are always taken now.
+        """
+        parts = [raw]
+        size = len(raw)
+        recv = self._recv
+        while size < _READ_SIZE:
+            try:
+                more = recv(_READ_SIZE)
+            except OSError:  # nothing more now, or a broken end the next pull meets again
+                break
+            if not more:  # the end: the next pull sees it again
+                break
+            parts.append(more)
+            size += len(more)
+        sock: Any = self.sock
+        left = sock.pending()
+        while left:
+            parts.append(recv(left))
+            left = sock.pending()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:
         """Give the connection back to the pool (body complete), else drop it."""

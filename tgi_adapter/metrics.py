@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
@@ -94,7 +94,7 @@ class TaskRecord:
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as a plain dict (what ``record.task`` holds)."""
-        return asdict(self)
+        return dict(vars(self))  # every field is a plain value: no deep copy needed
 
 
 class _Histogram:
@@ -207,16 +207,16 @@ class MetricsRegistry:
         if record.decode_time_ms is not None and outcome == "end":
             self.observe("latency_decode_ms", labels, record.decode_time_ms)
         self._emit("task_finished", labels, record)
-        fields = record.to_dict()
-        metrics_log.info(
-            "task %s %s: %s tokens out, first token %s ms, %d retries",
-            record.job_id,
-            outcome,
-            record.tokens_out,
-            record.latency_first_token_ms,
-            record.retries,
-            extra={"task": fields},
-        )
+        if metrics_log.isEnabledFor(logging.INFO):
+            metrics_log.info(
+                "task %s %s: %s tokens out, first token %s ms, %d retries",
+                record.job_id,
+                outcome,
+                record.tokens_out,
+                record.latency_first_token_ms,
+                record.retries,
+                extra={"task": record.to_dict()},
+            )
 
     def set_health(self, labels: Mapping[str, str], live: bool, ready: bool) -> None:
         """The result of a health check."""

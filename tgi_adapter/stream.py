@@ -117,7 +117,10 @@ class StreamChannel:
             self.cancelled = True
             closers, self._closers = self._closers, []
         self.abort.set()
-        for closer in closers:
+        # Last registered first: the socket shutdowns (registered per attempt)
+        # run before anything that may hand the interpreter to another thread,
+        # so the engine hears of the cancel at once.
+        for closer in reversed(closers):
             _run_quietly(closer)
         self.put([])  # wake a consumer blocked on an empty queue
         return True
