@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Tuple
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, settings
 
 from tgi_adapter import TaskRequest
@@ -40,6 +43,17 @@ def _make_task() -> Callable[..., TaskRequest]:
         return TaskRequest(**values)
 
     return make
+
+
+@pytest.fixture(name="tls")
+def _tls(tmp_path: Path) -> Iterator[Tuple[ssl.SSLContext, str]]:
+    """A server TLS context for 127.0.0.1 and localhost, and the path of the CA bundle that trusts it."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    yield context, str(path)
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,9 @@ import os
 import random
 import ssl
 import threading
-from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pytest
-import trustme
 
 from tgi_adapter import AdapterConfig, TaskRequest, TgiHttpAdapter, TokenEvent, runtime
 from tgi_adapter.testing import FakeTgiServer, Fault
@@ -162,16 +160,6 @@ def test_close_from_another_thread_at_any_moment_over_http(make_task: MakeTask) 
             FakeTgiServer(faults=[Fault("slow_headers", delay_s=0.05, times=STREAMS)]) as slow:
         run_race(paced, slow, AdapterConfig(), make_task)
     check_no_socket_left(fds_before)
-
-
-@pytest.fixture(name="tls")
-def _tls(tmp_path: Path) -> Iterator[Tuple[ssl.SSLContext, str]]:
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    yield context, str(path)
 
 
 @pytest.mark.slow

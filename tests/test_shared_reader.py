@@ -14,13 +14,11 @@ import ssl
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import requests
 import requests.adapters
-import trustme
 import urllib3
 
 from tgi_adapter import (
@@ -37,21 +35,13 @@ from tgi_adapter import (
 from tgi_adapter.testing import FakeTgiServer, Fault
 
 from fixtures import native_frames
+from test_streaming import check_invariants
 
 MakeTask = Callable[..., TaskRequest]
 
 
 def library_threads() -> List[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("tgi-")]
-
-
-def check_contract(events: List[TokenEvent]) -> None:
-    kinds = [e.kind for e in events]
-    assert kinds[-1] in ("end", "error") and sum(k in ("end", "error") for k in kinds) == 1, kinds
-    if kinds != ["error"]:
-        assert kinds[0] == "started" and kinds.count("started") == 1, kinds
-    tokens = [e.data["i"] for e in events if e.kind == "token"]
-    assert tokens == list(range(len(tokens)))
 
 
 def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: MakeTask) -> None:
@@ -110,7 +100,7 @@ def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: 
             server.stop()
     assert len(got) == 200
     for task_id, events in got.items():
-        check_contract(events)
+        check_invariants(events)
         kind = kind_of[task_id]
         last = events[-1]
         if kind == "clean":
@@ -126,16 +116,6 @@ def test_two_hundred_streams_with_faults_cancels_and_a_held_consumer(make_task: 
     # No thread per stream: the shared reader and the send workers only.
     assert peak <= 1 + runtime.MAX_WORKERS
     assert all(n == "tgi-adapter-reader" or n.startswith("tgi-adapter-worker-") for n in library_threads())
-
-
-@pytest.fixture(name="tls")
-def _tls(tmp_path: Path) -> Iterator[Tuple[ssl.SSLContext, str]]:
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    yield context, str(path)
 
 
 def test_many_tls_streams_on_the_shared_reader(tls: Tuple[ssl.SSLContext, str], make_task: MakeTask) -> None:
@@ -165,7 +145,7 @@ def test_tls_bytes_left_decrypted_in_the_ssl_object_are_read_at_once(
     with FakeTgiServer(ssl_context=context, faults=[Fault("stall", at_token=7)]) as server:
         with TgiHttpAdapter(server.url, config=config) as adapter:
             events = list(adapter.submit(make_task(max_tokens=50)))
-    check_contract(events)
+    check_invariants(events)
     assert [e.kind for e in events].count("token") == 7
     assert events[-1].data["code"] == "DECODE_TIMEOUT"
 
@@ -224,7 +204,7 @@ def test_a_transport_without_a_socket_falls_back_to_a_thread_of_its_own(make_tas
     finally:
         adapter.close()
         session.close()
-    check_contract(events)
+    check_invariants(events)
     assert "".join(e.data["t"] for e in events if e.kind == "token") == " w0 w1 w2"
     assert body.readers and set(body.readers) == {f"tgi-stream-{task.task_id}"}  # its own thread read it
 
@@ -238,6 +218,6 @@ def test_a_tls_connection_broken_mid_stream_is_a_reset(
     with FakeTgiServer(ssl_context=context, pace_s=0.001, faults=[Fault(fault, at_token=4)]) as server:
         with TgiHttpAdapter(server.url, config=config) as adapter:
             events = list(adapter.submit(make_task(max_tokens=30)))
-    check_contract(events)
+    check_invariants(events)
     assert [e.kind for e in events].count("token") == 4
     assert events[-1].data["code"] == "WORKER_RESET" and events[-1].data["retriable"] is True

@@ -21,16 +21,9 @@ from tgi_adapter import (
 from tgi_adapter.stream import StreamChannel
 from tgi_adapter.testing import FakeTgiServer, Fault, MockAdapter
 
+from test_streaming import check_invariants
+
 MakeTask = Callable[..., TaskRequest]
-
-
-def check_contract(events: List[TokenEvent]) -> None:
-    kinds = [e.kind for e in events]
-    assert kinds[-1] in ("end", "error") and sum(k in ("end", "error") for k in kinds) == 1, kinds
-    if kinds != ["error"]:
-        assert kinds[0] == "started" and kinds.count("started") == 1, kinds
-    tokens = [e.data["i"] for e in events if e.kind == "token"]
-    assert tokens == list(range(len(tokens)))
 
 
 def gather(streams: StreamSet) -> Dict[str, List[TokenEvent]]:
@@ -57,7 +50,7 @@ def test_each_stream_keeps_its_order_and_text(server: FakeTgiServer, make_task: 
             assert len(streams) == 0
     for task, first in zip(again, tasks):
         events = got[task.task_id]
-        check_contract(events)
+        check_invariants(events)
         assert "".join(e.data["t"] for e in events if e.kind == "token") == alone[first.task_id]
         assert events[-1].data["tokens_out"] == task.max_tokens
 
@@ -75,7 +68,7 @@ def test_a_mix_of_adapters_hosts_and_mocks(server: FakeTgiServer, make_task: Mak
         got = gather(streams)
     assert len(got) == 9
     for events in got.values():
-        check_contract(events)
+        check_invariants(events)
         assert events[-1].kind == "end"
     assert all(s.replica_id == "r1" and s.tried == ["r1"] for s in hosted)
     assert [got[s.task_id][-1].data["tokens_out"] for s in direct + hosted + mocked] == [6] * 3 + [5] * 3 + [4] * 3
@@ -128,7 +121,7 @@ def test_a_stream_in_a_set_is_not_iterated_directly(server: FakeTgiServer, make_
         with pytest.raises(TypeError):
             streams.add(iter([]))  # type: ignore[arg-type]
         rest = [e for _, e in streams]
-    check_contract([first] + rest)  # nothing lost, nothing twice
+    check_invariants([first] + rest)  # nothing lost, nothing twice
     assert [e.kind for e in rest].count("token") == 6
 
 
@@ -162,7 +155,7 @@ def test_one_stalled_consumer_set_does_not_hold_up_another(server: FakeTgiServer
         worker.join()
         late = gather(slow)  # its events waited in their queues, complete and in order
     for events in list(results.values()) + list(late.values()):
-        check_contract(events)
+        check_invariants(events)
         assert [e.kind for e in events].count("token") == 40
 
 

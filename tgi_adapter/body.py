@@ -203,8 +203,7 @@ class BodyReader:
             self.head.close()
             return
         if self.complete and not hr.will_close:
-            hr.close()  # closes only the file object; the socket stays with the connection
-            self.head.raw.release_conn()
+            _give_back(hr, self.head)
         else:
             self.abort()
 
@@ -315,14 +314,18 @@ class SocketBody:
             except OSError:
                 self.abort()
                 return
-            hr.close()  # closes only the file object; the socket stays with the connection
-            self.head.raw.release_conn()
+            _give_back(hr, self.head)
         else:
             self.abort()
 
     def abort(self) -> None:
         """Close the connection for good."""
         _abort(self.sock, self.head)
+
+
+def _give_back(hr: http.client.HTTPResponse, head: Head) -> None:
+    hr.close()  # closes only the file object; the socket stays with the connection
+    head.raw.release_conn()
 
 
 def _abort(sock: Optional[socket.socket], head: Head) -> None:

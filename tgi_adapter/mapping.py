@@ -164,6 +164,10 @@ def error_for_failure(
     """
     if cause == "broken" or cause == "read_timeout":
         return error_for("connect_failed" if phase == "connect" else "reset", detail, secrets=secrets)
+    if cause == "tls_eof":
+        if phase == "connect":
+            return error_for("tls", detail, secrets=secrets)
+        return error_for("reset", "the engine closed the TLS connection", secrets=secrets)
     rule = _FAILURE_RULES.get(cause)
     if rule is None:
         return error_for("server_error", detail, secrets=secrets)

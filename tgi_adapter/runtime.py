@@ -62,9 +62,7 @@ def workers() -> WorkerPool:
     pool = _workers
     if pool is None:
         with _lock:
-            if _workers is None:
-                _workers = WorkerPool(MAX_WORKERS, _idle_s, "tgi-adapter-worker")
-            pool = _workers
+            pool = _workers = _workers or WorkerPool(MAX_WORKERS, _idle_s, "tgi-adapter-worker")
     return pool
 
 
@@ -74,9 +72,7 @@ def reactor() -> Reactor:
     loop = _reactor
     if loop is None:
         with _lock:
-            if _reactor is None:
-                _reactor = Reactor(_idle_s)
-            loop = _reactor
+            loop = _reactor = _reactor or Reactor(_idle_s)
     return loop
 
 

@@ -327,8 +327,8 @@ class Failure(NamedTuple):
 
 #: The causes :func:`classify_failure` reports.
 FAILURE_CAUSES = (
-    "tls", "proxy", "dns", "refused", "connect", "connect_timeout", "read_timeout", "invalid_url", "reset",
-    "broken", "unknown",
+    "tls", "tls_eof", "proxy", "dns", "refused", "connect", "connect_timeout", "read_timeout", "invalid_url",
+    "reset", "broken", "unknown",
 )
 
 
@@ -346,8 +346,9 @@ def classify_failure(exc: BaseException) -> Failure:
         return next((e for e in chain if isinstance(e, types)), None)
 
     if first(ssl.SSLEOFError, ssl.SSLZeroReturnError) is not None:
-        # The TLS connection ended under way: a broken connection, not a certificate problem.
-        return Failure("reset", "the engine closed the connection")
+        # The TLS connection ended: during the handshake a TLS refusal (a
+        # missing client certificate, say), under way a broken connection.
+        return Failure("tls_eof", _tls_detail(chain))
     if first(ssl.SSLError, ssl.CertificateError) is not None or isinstance(exc, requests.exceptions.SSLError):
         return Failure("tls", _tls_detail(chain))
     if isinstance(exc, requests.exceptions.ProxyError) or first(urllib3.exceptions.ProxyError) is not None:
