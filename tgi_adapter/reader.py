@@ -111,7 +111,6 @@ class StreamReader:
         self.watch: Optional[CancelWatch] = None
         self.mapper: Optional[FrameMapper] = None
         self.decode: Callable[[bytes], List[bytes]] = _no_decoder
-        self.t_sent = 0.0
         self.limit = 0.0
         self.progressed = False
         self.timer: Optional[Timer] = None
@@ -152,7 +151,7 @@ class StreamReader:
             record_failure(tape, exc, channel.cancelled)
             if channel.cancelled:
                 return self._post(self._finish)
-            return self._post(self._attempt_failed, self._send_failed(exc, t_sent))
+            return self._post(self._attempt_failed, self._send_failed(exc))
         if tape is not None:
             tape.headers(head.status_code, head.raw.headers)
         if channel.cancelled:
@@ -175,7 +174,7 @@ class StreamReader:
         watch.watch_body(body)
         return self._post(self._begin_reading, body, watch, t_sent)
 
-    def _send_failed(self, exc: BaseException, t_sent: float) -> WorkerError:
+    def _send_failed(self, exc: BaseException) -> WorkerError:
         if classify_failure(exc).cause == "read_timeout":
             return self._timer_error(progressed=False, where="waiting for the response headers")
         error = error_for_exception(exc, phase="connect", secrets=self.request.secrets)
@@ -248,7 +247,6 @@ class StreamReader:
     def _setup_attempt(self, t_sent: float) -> None:
         self.mapper = self.mapper_factory()
         self.decode = SseDecoder(self.max_frame_bytes).feed
-        self.t_sent = t_sent
         self.progressed = False
         self.held = None
         self.eof = False
