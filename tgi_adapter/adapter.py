@@ -21,6 +21,7 @@ from .cassette import Recorder, Tape
 from .config import AdapterConfig, config_from_env
 from .contract import EngineInfo, TaskLike, TaskRequest, WorkerAdapter, WorkerHealth, WorkerProps, as_task
 from .errors import InvalidParamsError, PoolUnavailableError, WorkerError
+from .events import cancelled_end
 from .frames import FrameMapper, mapper_for_route
 from .mapping import (
     build_request,
@@ -88,7 +89,8 @@ class TgiHttpAdapter(WorkerAdapter):
     :param clock: monotonic clock (tests inject one).
     :param rng: the jitter source, returning floats in [0, 1).
     :param sleep: how retries wait (tests inject a recorder); by default a
-        wait that ``cancel()`` interrupts.
+        stream waits on a timer of the shared reader, and a blocking call in
+        a wait that ``cancel()`` interrupts.
     :param tracer_provider: the OpenTelemetry ``TracerProvider`` for task
         spans (default: the global one); see ``AdapterConfig.tracing``.
     """
@@ -468,10 +470,7 @@ class TgiHttpAdapter(WorkerAdapter):
         task, request, started, sampled_seed, span = self._prepare(task, correlation_id, stream=True)
         t_submit = self._clock()
         deadline = t_submit + task.deadline_ms / 1000.0
-        channel = StreamChannel(task.task_id)
-        channel.stats.update(
-            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels), span=span
-        )
+        channel = self._channel_for(task, started, span)
         route = self.config.route
         secrets = self._secrets
 
@@ -511,6 +510,16 @@ class TgiHttpAdapter(WorkerAdapter):
         log.debug("task %s: submitted (correlation id %s)", task.task_id, started["correlation_id"])
         reader.start()
         return stream
+
+    def _channel_for(
+        self, task: TaskRequest, started: Mapping[str, Any], span: Optional[tracing.TaskSpan]
+    ) -> StreamChannel:
+        """A task's channel, its stats seeded with what its record will carry."""
+        channel = StreamChannel(task.task_id)
+        channel.stats.update(
+            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels), span=span
+        )
+        return channel
 
     def _waiter(self, channel: Optional[StreamChannel]) -> Callable[[float], bool]:
         """How a retry waits: the injected sleep, or a wait that cancel interrupts."""
@@ -592,10 +601,7 @@ class TgiHttpAdapter(WorkerAdapter):
         task, request, started, sampled_seed, span = self._prepare(task, correlation_id, stream=False)
         t_submit = self._clock()
         deadline = t_submit + task.deadline_ms / 1000.0
-        channel = StreamChannel(task.task_id)
-        channel.stats.update(
-            session_id=task.session_id, correlation_id=started["correlation_id"], labels=dict(self._labels), span=span
-        )
+        channel = self._channel_for(task, started, span)
         with self._lock:
             self._calls[task.task_id] = channel
         self.metrics.task_started(channel.stats["labels"])
@@ -639,14 +645,7 @@ class TgiHttpAdapter(WorkerAdapter):
         channel.stats["retries"] = attempts.retries
         if channel.cancelled:
             self._record_task(task.task_id, "cancelled", channel.stats)
-            return "", {
-                "tokens_out": 0,
-                "decode_ms": 0,
-                "finish_reason": "cancelled",
-                "tokens_in": None,
-                "seed": None,
-                "engine_version": started["engine_version"],
-            }
+            return "", cancelled_end(started["engine_version"])
         if error is not None:
             channel.stats["error_message"] = error.full_message
             self._record_task(task.task_id, error.code.value, channel.stats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
-__all__ = ["TokenEvent", "make_event", "EVENT_KINDS", "FINISH_REASONS"]
+__all__ = ["TokenEvent", "make_event", "cancelled_end", "EVENT_KINDS", "FINISH_REASONS"]
 
 #: The event kinds a stream can carry, in the order they may appear.
 EVENT_KINDS = ("started", "token", "metrics", "end", "error")
@@ -52,3 +52,15 @@ def make_event(kind: str, data: Dict[str, Any]) -> TokenEvent:
     _set_kind(event, kind)
     _set_data(event, data)
     return event
+
+
+def cancelled_end(engine_version: Any) -> Dict[str, Any]:
+    """The ``data`` of the ``end`` event of a task cancelled before the engine's own end was handed out."""
+    return {
+        "tokens_out": 0,
+        "decode_ms": 0,
+        "finish_reason": "cancelled",
+        "tokens_in": None,
+        "seed": None,
+        "engine_version": engine_version,
+    }

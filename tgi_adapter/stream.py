@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .errors import DeadlineUnmetError, WorkerError
-from .events import TokenEvent, make_event
+from .events import TokenEvent, cancelled_end, make_event
 
 __all__ = ["TokenStream", "StreamChannel"]
 
@@ -300,17 +300,7 @@ class TokenStream:
         if self._finished:
             raise StopIteration
         self._finish(natural=False)
-        return make_event(
-            "end",
-            {
-                "tokens_out": 0,
-                "decode_ms": 0,
-                "finish_reason": "cancelled",
-                "tokens_in": None,
-                "seed": None,
-                "engine_version": self._started_data.get("engine_version"),
-            },
-        )
+        return make_event("end", cancelled_end(self._started_data.get("engine_version")))
 
     def _reader_lost(self) -> TokenEvent:
         log.warning("task %s: no event from the reader past the deadline; giving up on it", self.task_id)

@@ -20,10 +20,9 @@ __all__ = ["Timer", "TimerHeap"]
 class Timer:
     """A handle on one scheduled call; :meth:`cancel` makes it a no-op."""
 
-    __slots__ = ("due", "callback")
+    __slots__ = ("callback",)
 
-    def __init__(self, due: float, callback: Callable[[], None]) -> None:
-        self.due = due
+    def __init__(self, callback: Callable[[], None]) -> None:
         self.callback: Optional[Callable[[], None]] = callback
 
     def cancel(self) -> None:
@@ -49,7 +48,7 @@ class TimerHeap:
         return len(self._heap)
 
     def add(self, due: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(due, callback)
+        timer = Timer(callback)
         heapq.heappush(self._heap, (due, next(self._order), timer))
         return timer
 
